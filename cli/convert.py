@@ -1,0 +1,75 @@
+"""`parscale-export convert`: checkpoint directory -> ONNX bundle."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from parscale_export.export import convert
+
+
+class DType(StrEnum):
+    """The --dtype choices; export.EXPORT_DTYPES maps them to torch dtypes."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+def convert_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Local checkpoint directory: config.json plus model.safetensors, or shards with their index."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Bundle directory to create (must be absent or empty).")
+    ],
+    dtype: Annotated[
+        DType, typer.Option(help="Weights and cache dtype in the graph; fp16 is meant for CUDA.")
+    ] = DType.fp32,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")
+    ] = False,
+) -> None:
+    """Convert a ParScale checkpoint into an ONNX bundle.
+
+    The graph folds the P parallel streams into the batch (row b*P + p is stream p of sequence b)
+    and takes the KV cache as explicit inputs (past_key_values.{i}.key/value) and outputs
+    (present.{i}.key/value). The learned prefix lives inside the graph, so the first call passes
+    an empty past. The bundle holds model.onnx, model.onnx.data, manifest.json and the
+    checkpoint's config, generation config and tokenizer files.
+
+    Nothing is downloaded and no code from the checkpoint runs: safetensors only.
+
+    Example:
+
+      parscale-export convert ./ParScale-1.8B-P8 -o ./bundle-p8 --dtype fp16
+    """
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
+
+    result = convert(checkpoint, output, dtype=dtype.value, force=force, log=log)
+    typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
+    for name, size in result.files.items():
+        typer.echo(f"  {name:28s} {_size(size):>10s}")
+    c = result.config
+    typer.echo(
+        f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
+        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}"
+    )
+    typer.echo(f"next: parscale-export validate {result.out_dir}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,71 @@
+"""Assembles the commands and holds the one error boundary.
+
+Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 130 interrupted.
+The library raises typed errors; here they become one line on stderr and an exit code.
+A traceback is shown only with --debug.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Annotated
+
+import typer
+
+from parscale_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ParScaleExportError
+
+from .convert import convert_command
+
+app = typer.Typer(
+    name="parscale-export",
+    help=(
+        "Export ParScale checkpoints to ONNX and check them.\n\n"
+        "Typical use:\n\n"
+        "    parscale-export convert ./my-parscale-ckpt -o ./bundle\n"
+        "    parscale-export validate ./bundle\n\n"
+        "Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("convert")(convert_command)
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show a Python traceback when something fails.")] = False,
+) -> None:
+    """Export ParScale checkpoints to ONNX and check them."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on `argv` and return the exit code (the tests call this directly)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="parscale-export", standalone_mode=False)
+    except ParScaleExportError as exc:
+        return _fail(exc, f"error: {exc}", exc.exit_code, debug)
+    except (KeyboardInterrupt, typer.Abort) as exc:
+        return _fail(exc, "interrupted; nothing was left behind", EXIT_INTERRUPTED, debug)
+    except typer.TyperException as exc:  # usage errors: Typer prints them with the usage line
+        exc.show()
+        return EXIT_BAD_INPUT
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _fail(exc: BaseException, message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    typer.echo(message, err=True)
+    return code
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

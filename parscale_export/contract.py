@@ -1,0 +1,110 @@
+"""The I/O contract of an exported bundle, version 1: one immutable object read by export,
+runtime, validation and the manifest. Imports no torch: deployment needs only numpy.
+
+Inputs:
+  input_ids       int64 [batch, sequence]
+  attention_mask  int64 [batch, past_sequence + sequence]   1 = real token, 0 = padding; never the prefix
+  position_ids    int64 [batch, sequence]
+  past_key_values.{i}.key / .value   [P*batch, kv_heads, past_sequence, head_dim]  (export dtype)
+Outputs:
+  logits          float32 [batch, sequence, vocab]
+  present.{i}.key / .value           [P*batch, kv_heads, past_sequence + sequence, head_dim]
+
+Row b*P + p of the folded batch is stream p of sequence b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+CONTRACT_VERSION = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+# Symbolic axis names, as written into the ONNX graph.
+BATCH, SEQUENCE, PAST, TOTAL, ROWS = "batch", "sequence", "past_sequence", "total_sequence", "cache_rows"
+
+
+@dataclass(frozen=True)
+class Contract:
+    num_layers: int
+    parscale_n: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str  # dtype of the cache tensors: "float32" or "float16"
+    version: int = CONTRACT_VERSION
+
+    @property
+    def np_dtype(self) -> type[np.floating]:
+        return DTYPES[self.dtype]
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names()]
+
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names()]
+
+    def cache_shape(self, batch: int | str, length: int | str) -> tuple[int | str, ...]:
+        rows = self.parscale_n * batch if isinstance(batch, int) else ROWS
+        return (rows, self.num_kv_heads, length, self.head_dim)
+
+    def input_spec(self) -> dict[str, tuple[str, tuple[int | str, ...]]]:
+        """name -> (dtype, symbolic shape)."""
+        spec = {
+            "input_ids": ("int64", (BATCH, SEQUENCE)),
+            "attention_mask": ("int64", (BATCH, TOTAL)),
+            "position_ids": ("int64", (BATCH, SEQUENCE)),
+        }
+        return spec | {name: (self.dtype, self.cache_shape(BATCH, PAST)) for name in self.past_names()}
+
+    def output_spec(self) -> dict[str, tuple[str, tuple[int | str, ...]]]:
+        spec = {"logits": ("float32", (BATCH, SEQUENCE, self.vocab_size))}
+        return spec | {name: (self.dtype, self.cache_shape(BATCH, TOTAL)) for name in self.present_names()}
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """A zero-length cache for `batch` sequences: the first call's past."""
+        return [np.zeros(self.cache_shape(batch, 0), dtype=self.np_dtype) for _ in self.past_names()]
+
+    def check_outputs(self, outputs: dict[str, np.ndarray], batch: int, seq: int, past: int) -> list[str]:
+        """Every way `outputs` breaks the contract for one call; empty when it holds."""
+        sizes = {BATCH: batch, SEQUENCE: seq, PAST: past, TOTAL: past + seq, ROWS: self.parscale_n * batch}
+        problems = []
+        for name, (dtype, shape) in self.output_spec().items():
+            if name not in outputs:
+                problems.append(f"output {name!r} is missing")
+                continue
+            want = tuple(sizes.get(a, a) for a in shape)
+            got = outputs[name]
+            if got.shape != want:
+                problems.append(f"output {name!r} has shape {list(got.shape)}, the contract says {list(want)}")
+            if got.dtype != np.dtype(dtype):
+                problems.append(f"output {name!r} has dtype {got.dtype}, the contract says {dtype}")
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Contract:
+        if data.get("version") != CONTRACT_VERSION:
+            raise BundleError(
+                f"bundle uses contract version {data.get('version')!r}; this tool reads {CONTRACT_VERSION}"
+            )
+        try:
+            contract = cls(**data)
+        except TypeError as exc:
+            raise BundleError(f"malformed contract in manifest ({exc})") from None
+        if contract.dtype not in DTYPES:
+            raise BundleError(f"manifest names cache dtype {contract.dtype!r}; expected one of {', '.join(DTYPES)}")
+        return contract

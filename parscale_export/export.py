@@ -1,0 +1,272 @@
+"""Checkpoint -> ONNX bundle. The graph is `model.ParScaleForCausalLM` behind a flat signature
+whose names and axes come from the contract.
+
+The bundle is built in a temporary directory beside the target and renamed into place only
+when everything succeeded, so a failure or Ctrl-C never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from . import __version__
+from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
+from .checkpoint import load_weights, weights_digest
+from .config import ModelConfig, load_config
+from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
+from .errors import BundleError, OutputError
+from .model import ParScaleForCausalLM, build_model
+
+OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Example sizes for tracing: all >= 2, so the exporter specialises no dynamic axis to 0 or 1.
+TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out_dir: Path
+    files: dict[str, int]  # file name -> size in bytes
+    seconds: float
+    config: ModelConfig
+
+
+class ExportGraph(nn.Module):
+    """The model with a flat signature: ids, mask, positions, then past key/value per layer."""
+
+    def __init__(self, lm: ParScaleForCausalLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]):
+        logits, presents = self.lm(
+            input_ids, attention_mask, position_ids, list(zip(past[0::2], past[1::2], strict=True))
+        )
+        return (logits, *(t for kv in presents for t in kv))
+
+
+def contract_for(config: ModelConfig, dtype: str) -> Contract:
+    return Contract(
+        num_layers=config.num_layers,
+        parscale_n=config.parscale_n,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        vocab_size=config.vocab_size,
+        dtype="float16" if dtype == "fp16" else "float32",
+    )
+
+
+def convert(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    log: Log = lambda _: None,
+) -> ConvertResult:
+    """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses."""
+    start = time.perf_counter()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if dtype not in EXPORT_DTYPES:
+        raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+    _check_target(out_dir, force)
+
+    log(f"reading {checkpoint_dir / 'config.json'}")
+    config = load_config(checkpoint_dir)
+    log(
+        f"  P={config.parscale_n} T={config.parscale_n_tokens} layers={config.num_layers} "
+        f"heads={config.num_heads}/{config.num_kv_heads} head_dim={config.head_dim} vocab={config.vocab_size}"
+    )
+    log("loading weights")
+    report = _every_quarter(lambda done, total: log(f"  {done}/{total} tensors"))
+    weights = load_weights(checkpoint_dir, config, on_tensor=report)
+    digest = weights_digest(checkpoint_dir)
+    model = build_model(config, weights, EXPORT_DTYPES[dtype])
+    del weights
+    contract = contract_for(config, dtype)
+
+    with _staging_dir(out_dir) as staging:
+        log(f"tracing and exporting to ONNX (opset {OPSET}, {dtype})")
+        _export_onnx(model, contract, staging / MODEL_FILE)
+        log("checking the ONNX model")
+        try:
+            onnx.checker.check_model(str(staging / MODEL_FILE))
+        except onnx.checker.ValidationError as exc:
+            raise BundleError(f"exported graph failed onnx.checker: {exc}") from None
+        log("writing manifest and copying checkpoint metadata")
+        for name in COPIED_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copyfile(checkpoint_dir / name, staging / name)
+        manifest = _manifest(config, contract, dtype, checkpoint_dir, digest)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        _move_into_place(staging, out_dir)
+    return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=config)
+
+
+def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path) -> None:
+    """Trace with example sizes >= 2 and write model.onnx + model.onnx.data."""
+    c = model.config
+    batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
+    dtype = model.lm_head.weight.dtype
+    cache = tuple(torch.zeros(contract.cache_shape(batch, past), dtype=dtype) for _ in contract.past_names())
+    args = (
+        torch.zeros(batch, seq, dtype=torch.long),
+        torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq).expand(batch, seq),
+        cache,
+    )
+    b = Dim(BATCH, min=1, max=1 << 16)
+    s = Dim(SEQUENCE, min=1, max=1 << 20)
+    p = Dim(PAST, min=0, max=1 << 20)
+    t = Dim(TOTAL, min=1, max=1 << 21)
+    rows = b * c.parscale_n if c.parscale_n > 1 else b
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": tuple({0: rows, 2: p} for _ in cache),
+    }
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            ExportGraph(model).eval(),
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            dynamic_shapes=dynamic_shapes,
+            input_names=contract.input_names(),
+            output_names=contract.output_names(),
+        )
+        program.save(str(path), external_data=True)
+    _strip_node_metadata(path)
+    if not (path.parent / DATA_FILE).is_file():
+        raise BundleError(f"exporter did not write {DATA_FILE} beside {MODEL_FILE}")
+
+
+def _strip_node_metadata(path: Path) -> None:
+    """Drop the exporter's per-node stack traces: they embed absolute source paths, which would
+    make two converts of one checkpoint from different checkouts differ, and they are half the file."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    onnx.save(proto, str(path))
+
+
+def _manifest(config: ModelConfig, contract: Contract, dtype: str, checkpoint_dir: Path, digest: str) -> dict:
+    return {
+        "format": FORMAT,
+        "contract": contract.to_dict(),
+        "model": {
+            "parscale_n": config.parscale_n,
+            "parscale_n_tokens": config.parscale_n_tokens,
+            "num_layers": config.num_layers,
+            "num_heads": config.num_heads,
+            "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "rope_type": config.rope_type,
+        },
+        "dtype": dtype,
+        "opset": OPSET,
+        "files": {"model": MODEL_FILE, "external_data": DATA_FILE},
+        "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights": digest},
+        "versions": {
+            "parscale_export": __version__,
+            "python": platform.python_version(),
+            **{name: _version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime")},
+        },
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _check_target(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputError(f"{out_dir}: directory is not empty; pass --force to replace it")
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the output directory ({exc.strerror})") from None
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir`, removed on any failure or interrupt."""
+    parent = out_dir.resolve().parent
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write beside it ({exc.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle should look like any directory
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished bundle to `out_dir`; an old one (allowed by --force) goes only after."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def _every_quarter(report: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    def on_tensor(done: int, total: int) -> None:
+        if done * 4 // total != (done - 1) * 4 // total:
+            report(done, total)
+
+    return on_tensor
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter warns about things that do not concern our graph (torchvision, axis renames)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -1,0 +1,245 @@
+"""ParScale in plain PyTorch, with the official semantics and an explicit KV cache.
+
+This one module is both the PyTorch reference that `validate` compares against and the graph
+that `convert` exports. Module names follow the checkpoint's names, so loading is an identity map.
+
+Layout (the I/O contract, version 1):
+- The P streams are folded into the batch: row `b*P + p` is stream p of sequence b.
+- The cache passed in and returned holds real tokens only, [P*B, KV, past, D] per layer.
+  The learned prefix (T slots per stream and layer, no RoPE, never masked) is a constant of
+  the module, prepended to the keys and values inside attention.
+- Because a sequence's P streams are adjacent rows, [P*B, KV, L, D] is also, for free,
+  [B, P*KV, L, D]; attention runs in that view, where query head `p*H + h` shares key/value
+  head `p*KV + h // (H/KV)`, i.e. plain grouped-query attention stays inside its own stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .rope import rope_frequencies
+
+KVCache = Sequence[tuple[Tensor, Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for explicit positions, computed in float32 as transformers does."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # A plain attribute, not a buffer: model.to(float16) must not round the frequencies.
+        self.inv_freq, self.attention_scaling = rope_frequencies(config)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq  # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_streams, self.n_heads, self.n_kv = config.parscale_n, config.num_heads, config.num_kv_heads
+        self.head_dim = d = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * d, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * d, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * d, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * d, config.hidden_size, bias=False)
+        if self.n_streams > 1:
+            prefix = (self.n_streams, self.n_kv, config.parscale_n_tokens, d)
+            self.prefix_k = nn.Parameter(torch.zeros(prefix))
+            self.prefix_v = nn.Parameter(torch.zeros(prefix))
+
+    def _split_heads(self, x: Tensor, batch: int, n_heads: int) -> Tensor:
+        # [B*P, S, n*D] -> [B, P*n, S, D]  (row b*P+p, head i  ->  sequence b, head p*n+i)
+        _, seq, _ = x.shape
+        x = x.view(batch, self.n_streams, seq, n_heads, self.head_dim).transpose(2, 3)
+        return x.reshape(batch, self.n_streams * n_heads, seq, self.head_dim)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor, past_v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        rows, seq, _ = x.shape  # rows = B*P
+        batch = rows // self.n_streams
+        d = self.head_dim
+        q = self._split_heads(self.q_proj(x), batch, self.n_heads)  # [B, P*H, S, D]
+        k = self._split_heads(self.k_proj(x), batch, self.n_kv)  # [B, P*KV, S, D]
+        v = self._split_heads(self.v_proj(x), batch, self.n_kv)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, D]: same position for every stream
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        # Past arrives as [B*P, KV, past, D]; the same memory seen as [B, P*KV, past, D].
+        k = torch.cat((past_k.reshape(batch, self.n_streams * self.n_kv, -1, d), k), dim=2)
+        v = torch.cat((past_v.reshape(batch, self.n_streams * self.n_kv, -1, d), v), dim=2)
+        present_k = k.reshape(rows, self.n_kv, -1, d)
+        present_v = v.reshape(rows, self.n_kv, -1, d)
+        if self.n_streams > 1:
+            # The prefix joins the keys only here, so the cache never stores it.
+            prefix_k = self.prefix_k.reshape(1, self.n_streams * self.n_kv, -1, d).expand(batch, -1, -1, -1)
+            prefix_v = self.prefix_v.reshape(1, self.n_streams * self.n_kv, -1, d).expand(batch, -1, -1, -1)
+            k = torch.cat((prefix_k, k), dim=2)
+            v = torch.cat((prefix_v, v), dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv)
+        # [B, P*H, S, D] -> [B*P, S, H*D]
+        out = out.view(batch, self.n_streams, self.n_heads, seq, d).transpose(2, 3)
+        return self.o_proj(out.reshape(rows, seq, self.n_heads * d)), present_k, present_v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor, past_v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        attn, present_k, present_v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present_k, present_v
+
+
+def attention_bias(attention_mask: Tensor, seq: int, n_prefix: int, dtype: torch.dtype) -> Tensor:
+    """Additive bias [B, 1, S, T + past + S]: prefix always visible, real keys causal and unpadded.
+
+    `attention_mask` [B, past + S] covers real tokens only. Query i sits at absolute index
+    past + i. Every query may also see its own key: for real tokens that changes nothing, and
+    it keeps a padded query row from being fully masked, whose softmax would be NaN and
+    could poison the cache of later layers (0 * NaN is NaN).
+    """
+    batch, total = attention_mask.shape
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = key_pos[total - seq :, None]  # [S, 1]
+    visible = (key_pos <= query_pos) & (attention_mask[:, None, :] == 1)  # [B, S, L]
+    visible = visible | (key_pos == query_pos)
+    bias = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]  # [B, 1, S, L]
+    if n_prefix:
+        bias = torch.cat((bias.new_zeros(batch, 1, seq, n_prefix), bias), dim=-1)
+    return bias
+
+
+class ParScaleModel(nn.Module):
+    """The decoder: embeddings, layers, final norm and the stream aggregation."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        if config.parscale_n > 1:
+            n, h = config.parscale_n, config.hidden_size
+            self.aggregate_layer = nn.Sequential(nn.Linear(n * h, h), nn.SiLU(), nn.Linear(h, n))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        n = self.config.parscale_n
+        batch, seq = input_ids.shape
+        x = self.embed_tokens(input_ids)  # [B, S, h]
+        x = x[:, None].expand(-1, n, -1, -1).reshape(batch * n, seq, -1)  # [B*P, S, h]: copy per stream
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        bias = attention_bias(attention_mask, seq, self.config.parscale_n_tokens, x.dtype)
+        presents = []
+        for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
+            x, present_k, present_v = layer(x, cos, sin, bias, past_k, past_v)
+            presents.append((present_k, present_v))
+        x = self.norm(x)
+        if n > 1:
+            x = self._aggregate(x.view(batch, n, seq, -1))
+        return x, presents
+
+    def _aggregate(self, streams: Tensor) -> Tensor:
+        """Weighted sum of the P streams [B, P, S, h] -> [B, S, h], as the official model does."""
+        batch, n, seq, h = streams.shape
+        # Feature-major, stream-minor: z[..., j*P + p] = stream p's feature j.
+        z = streams.permute(0, 2, 3, 1).reshape(batch, seq, h * n)
+        weights = torch.softmax(self.aggregate_layer(z).float(), dim=-1)  # [B, S, P]
+        eps = self.config.parscale_attn_smooth
+        if eps:
+            weights = weights * (1 - eps) + eps / n
+        mixed = (streams.transpose(1, 2) * weights[..., None]).sum(dim=2)  # float32
+        return mixed.to(streams.dtype)
+
+
+class ParScaleForCausalLM(nn.Module):
+    """Decoder plus LM head. `forward` is one step: prefill (past length 0) or decode/chunk."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = ParScaleModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """logits [B, S, V] float32 and the presents [P*B, KV, past + S, D] per layer."""
+        hidden, presents = self.model(input_ids, attention_mask, position_ids, past)
+        return self.lm_head(hidden).float(), presents
+
+    def empty_cache(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+        """A past of length 0 for `batch` sequences, in the model's dtype."""
+        c = self.config
+        dtype = self.lm_head.weight.dtype
+        shape = (c.parscale_n * batch, c.num_kv_heads, 0, c.head_dim)
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.num_layers)]
+
+
+def build_model(
+    config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32
+) -> ParScaleForCausalLM:
+    """Instantiate the model and copy in checked weights (names already validated by checkpoint.py)."""
+    with torch.device("meta"):
+        model = ParScaleForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    model.model.rotary_emb = RotaryEmbedding(config)  # a computed buffer, not a weight
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [m for m in missing if m != "lm_head.weight"]
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.to(dtype).eval().requires_grad_(False)
