@@ -149,7 +149,7 @@ def attention_bias(attention_mask: Tensor, seq: int, n_prefix: int, dtype: torch
     """
     batch, total = attention_mask.shape
     key_pos = torch.arange(total, device=attention_mask.device)
-    query_pos = key_pos[total - seq :, None]  # [S, 1]
+    query_pos = (torch.arange(seq, device=attention_mask.device) + (total - seq))[:, None]  # [S, 1]
     visible = (key_pos <= query_pos) & (attention_mask[:, None, :] == 1)  # [B, S, L]
     visible = visible | (key_pos == query_pos)
     bias = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]  # [B, 1, S, L]

@@ -1,12 +1,11 @@
-"""ONNX Runtime over a bundle: one call per step, prefill and decode, greedy generation.
+"""ONNX Runtime over a bundle: the contract's one call, plus prefill/extend/greedy from Stepper.
 
-Imports no torch: a deployment needs only onnxruntime and numpy. The caller-visible state is
-the contract's: the attention mask over real tokens and the per-layer caches, rows b*P + p.
+Imports no torch: a deployment needs only onnxruntime and numpy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +13,12 @@ import onnxruntime as ort
 
 from .bundle import Manifest, read_manifest
 from .errors import BundleError, ProviderError
+from .stepping import Stepper, positions
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-@dataclass
-class State:
-    """What a sequence batch carries between calls."""
-
-    attention_mask: np.ndarray  # int64 [B, past]: real tokens seen so far (1) and padding (0)
-    past: list[np.ndarray]  # per layer key, value: [P*B, KV, past, D]
-
-    @property
-    def past_length(self) -> int:
-        return self.attention_mask.shape[1]
-
-
-def positions(attention_mask: np.ndarray, seq: int) -> np.ndarray:
-    """Position ids of the last `seq` columns: count of real tokens before each, padding at 0."""
-    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, -seq:].astype(np.int64)
-
-
+@functools.cache
 def cuda_available() -> bool:
     """Whether a CUDA session can really start (onnxruntime-gpu lists CUDA even without a GPU)."""
     return "CUDAExecutionProvider" in ort.get_available_providers() and _probe_cuda()
@@ -51,12 +35,13 @@ def _probe_cuda() -> bool:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the failure is the answer here, not an error to print
+    ort.set_default_logger_severity(4)  # a failure to load CUDA is the answer here, not an error to print
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDER_NAMES["cuda"]])
-    except Exception:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[PROVIDER_NAMES["cuda"]])
+    except Exception:  # any failure to start means "no CUDA here"
         return False
+    finally:
+        ort.set_default_logger_severity(2)
     return session.get_providers()[0] == PROVIDER_NAMES["cuda"]
 
 
@@ -77,7 +62,7 @@ def resolve_provider(provider: str) -> str:
     return "cpu"
 
 
-class Runtime:
+class Runtime(Stepper):
     """An ONNX Runtime session over one bundle."""
 
     def __init__(self, bundle_dir: Path, provider: str = "cpu", threads: int | None = None) -> None:
@@ -107,33 +92,14 @@ class Runtime:
     def run(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One call of the graph. `attention_mask` covers past and new tokens; positions follow from it."""
         feeds = {
-            "input_ids": input_ids.astype(np.int64),
-            "attention_mask": attention_mask.astype(np.int64),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "position_ids": positions(attention_mask, input_ids.shape[1]),
         }
         feeds |= dict(zip(self.contract.past_names(), past, strict=True))
         logits, *present = self.session.run(self.contract.output_names(), feeds)
         return logits, present
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, State]:
-        """The first call: an empty past. Left-padded rows carry 0 in the mask."""
-        logits, present = self.run(input_ids, attention_mask, self.contract.empty_past(input_ids.shape[0]))
-        return logits, State(attention_mask.astype(np.int64), present)
-
-    def extend(self, input_ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """Feed more tokens (one for a decode step, several for a chunked prefill) after `state`."""
-        batch, seq = input_ids.shape
-        mask = np.concatenate([state.attention_mask, np.ones((batch, seq), np.int64)], axis=1)
-        logits, present = self.run(input_ids, mask, state.past)
-        return logits, State(mask, present)
-
-    def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
-        """`steps` greedy tokens per row [B, steps] after a left-padded prompt."""
-        logits, state = self.prefill(input_ids, attention_mask)
-        tokens = [logits[:, -1].argmax(-1)]
-        for _ in range(steps - 1):
-            logits, state = self.extend(tokens[-1][:, None], state)
-            tokens.append(logits[:, -1].argmax(-1))
-        return np.stack(tokens, axis=1)
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return self.contract.empty_past(batch)

@@ -1,0 +1,52 @@
+"""Shared fixtures: paths, the official reference outputs, and bundles converted once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parscale_export.export import convert
+from parscale_export.runtime import cuda_available
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+CONFORMANCE = FIXTURES / "conformance"
+CONFORMANCE_NAMES = ["p1_plain_mqa", "p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"]
+TINY = FIXTURES / "tiny-parscale"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="no working CUDA execution provider on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+class BundleCache:
+    """Converts each (checkpoint, dtype) once per test session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[tuple[Path, str], Path] = {}
+
+    def __call__(self, checkpoint: Path, dtype: str = "fp32") -> Path:
+        key = (Path(checkpoint), dtype)
+        if key not in self.done:
+            out = self.root / f"{Path(checkpoint).name}-{dtype}-{len(self.done)}"
+            convert(checkpoint, out, dtype=dtype)
+            self.done[key] = out
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleCache:
+    return BundleCache(tmp_path_factory.mktemp("bundles"))
+
+
+def official(name: str) -> dict[str, np.ndarray]:
+    with np.load(CONFORMANCE / name / "reference.npz") as data:
+        return {k: data[k] for k in data.files}
