@@ -18,6 +18,8 @@ from parscale_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, Pa
 
 from .convert import convert_command
 
+INTERRUPTED = "interrupted; nothing was left behind"
+
 app = typer.Typer(
     name="parscale-export",
     help=(
@@ -52,10 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParScaleExportError as exc:
         return _fail(exc, f"error: {exc}", exc.exit_code, debug)
     except (KeyboardInterrupt, typer.Abort) as exc:
-        return _fail(exc, "interrupted; nothing was left behind", EXIT_INTERRUPTED, debug)
+        return _fail(exc, INTERRUPTED, EXIT_INTERRUPTED, debug)
     except typer.TyperException as exc:  # usage errors: Typer prints them with the usage line
         exc.show()
         return EXIT_BAD_INPUT
+    if result == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into a plain exit code 130
+        typer.echo(INTERRUPTED, err=True)
     return result if isinstance(result, int) else EXIT_OK
 
 
