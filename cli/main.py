@@ -17,6 +17,7 @@ import typer
 from parscale_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ParScaleExportError
 
 from .convert import convert_command
+from .validate import validate_command
 
 INTERRUPTED = "interrupted; nothing was left behind"
 
@@ -36,6 +37,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("convert")(convert_command)
+app.command("validate")(validate_command)
 
 
 @app.callback()

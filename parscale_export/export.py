@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx
@@ -33,6 +32,7 @@ from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
 from .checkpoint import load_weights, weights_digest
 from .config import ModelConfig, load_config
 from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
+from .environment import package_versions
 from .errors import BundleError, OutputError
 from .model import ParScaleForCausalLM, build_model
 
@@ -195,17 +195,10 @@ def _manifest(config: ModelConfig, contract: Contract, dtype: str, checkpoint_di
         "versions": {
             "parscale_export": __version__,
             "python": platform.python_version(),
-            **{name: _version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime")},
+            **package_versions("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime"),
         },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _check_target(out_dir: Path, force: bool) -> None:

@@ -89,17 +89,35 @@ class Runtime(Stepper):
                 f"{self.manifest.model_path}: graph inputs do not follow contract v{self.contract.version}"
             )
 
-    def run(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        """One call of the graph. On CPU the cache is numpy; on CUDA it stays on the device as
+        OrtValues between calls (IO binding), and only the logits come back to the host."""
         feeds = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": positions(attention_mask, input_ids.shape[1]),
         }
+        if self.provider == "cuda":
+            return self._run_on_device(feeds, past)
         feeds |= dict(zip(self.contract.past_names(), past, strict=True))
         logits, *present = self.session.run(self.contract.output_names(), feeds)
         return logits, present
+
+    def _run_on_device(self, feeds: dict[str, np.ndarray], past: list) -> tuple[np.ndarray, list]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.contract.past_names(), past, strict=True):
+            if isinstance(value, np.ndarray):  # the first call's empty past, or a cache the caller built
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.contract.present_names():
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), present
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return self.contract.empty_past(batch)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 from conftest import TINY
+from parscale_export.cli.main import main
 
 import parscale_export.export as export_module
-from cli.main import main
 from parscale_export.bundle import DATA_FILE, MANIFEST_FILE, MODEL_FILE
 
 

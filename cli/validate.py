@@ -1,0 +1,96 @@
+"""`parscale-export validate`: ONNX Runtime against the PyTorch reference, with a verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from parscale_export.bundle import read_manifest
+from parscale_export.errors import OutputError, ValidationFailed
+from parscale_export.validate import DEFAULT_THRESHOLDS, Report, Settings, run_validation
+
+
+class Provider(StrEnum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+def validate_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `parscale-export convert`.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint to compare against. Default: the source recorded in the bundle's manifest."),
+    ] = None,
+    provider: Annotated[
+        Provider,
+        typer.Option(help="auto: CUDA when a CUDA session really starts, else CPU (said loudly). cuda: CUDA or fail."),
+    ] = Provider.auto,
+    report: Annotated[Path | None, typer.Option(help="Also write every metric, threshold and version as JSON.")] = None,
+    atol: Annotated[
+        float | None, typer.Option(help="Max |logit error| allowed. Default: 1e-3 fp32, 0.25 fp16.")
+    ] = None,
+    min_top1: Annotated[float | None, typer.Option(help="Min top-1 agreement. Default: 1.0 fp32, 0.97 fp16.")] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="Min cosine similarity of logits.")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Prompts in the left-padded batch (row b has 2*b pads).")] = 3,
+    prompt_length: Annotated[int, typer.Option(min=2, help="Tokens per prompt, padding included.")] = 12,
+    decode_steps: Annotated[int, typer.Option(min=1, help="Greedy decode steps after the prefill.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+) -> None:
+    """Check that a bundle computes what the PyTorch reference computes.
+
+    Runs the bundle on ONNX Runtime and the reference (float32 PyTorch, official ParScale
+    semantics) on the same left-padded batch: prefill, greedy decode, a chunked prefill
+    (past > 0 with several new tokens) and a batch of one. Every ONNX output is also checked
+    against the I/O contract. A tolerance failure is a failure: exit code 1.
+
+    Example:
+
+        parscale-export validate ./bundle --provider cuda --report report.json
+    """
+    manifest = read_manifest(bundle)
+    limits = DEFAULT_THRESHOLDS[manifest.dtype]
+    overrides = {"max_abs": atol, "min_top1": min_top1, "min_cosine": min_cosine}
+    limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(batch=batch, prompt_length=prompt_length, decode_steps=decode_steps, seed=seed)
+
+    result = run_validation(bundle, checkpoint, provider.value, settings, limits, log=lambda m: typer.echo(m, err=True))
+    _print_table(result)
+    if report:
+        try:
+            report.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"{report}: cannot write the report ({exc.strerror})") from None
+        typer.echo(f"report: {report}")
+    where = f"{result.provider.upper()} ({result.device})"
+    if result.provider == "cpu":
+        where += ", not CUDA"
+    if not result.passed:
+        reasons = [f"{p.name}: {'; '.join(p.failures)}" for p in result.phases if not p.passed]
+        reasons += [f"contract: {c}" for c in result.contract_problems]
+        typer.echo(f"FAIL on {where}")
+        raise ValidationFailed("validation failed: " + " | ".join(reasons))
+    typer.echo(f"PASS on {where}: the bundle matches the PyTorch reference ({result.dtype} thresholds)")
+
+
+def _print_table(report: Report) -> None:
+    t = report.thresholds
+    scale = " x peak |logit|" if t.scaled else ""
+    typer.echo(
+        f"thresholds: max|err| <= {t.max_abs:g}{scale}, cosine >= {t.min_cosine:g}, top-1 >= {t.min_top1:g}, "
+        f"greedy must match: {'yes' if t.greedy_must_match else 'no'}"
+    )
+    columns = ("positions", 9), ("max|err|", 10), ("mean|err|", 10), ("min cos", 9), ("top-1", 6), ("greedy", 6)
+    typer.echo(f"{'phase':16s} " + " ".join(f"{name:>{width}s}" for name, width in columns) + "  result")
+    for p in report.phases:
+        greedy = {None: "-", True: "same", False: "DIFF"}[p.greedy_match]
+        typer.echo(
+            f"{p.name:16s} {p.positions:9d} {p.max_abs:10.2e} {p.mean_abs:10.2e} {p.min_cosine:9.6f} "
+            f"{p.top1:6.3f} {greedy:>6s}  {'ok' if p.passed else 'FAIL'}"
+        )
+    typer.echo(f"contract: {'ok' if not report.contract_problems else '; '.join(report.contract_problems)}")

@@ -1,0 +1,281 @@
+"""Does a bundle produce what the PyTorch reference produces? A verdict that can fail.
+
+Both engines are driven through stepping.Stepper with identical inputs:
+  prefill   a left-padded batch (row b has 2*b padding tokens), all real positions
+  decode    N steps fed with the reference's greedy tokens; greedy agreement of the bundle
+  chunked   the same prompts in two chunks (sequence > 1 with past > 0)
+  batch-1   the first prompt alone, prefill and decode
+Every ONNX call is also checked against the I/O contract (names, shapes, dtypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import read_manifest
+from .config import load_config
+from .environment import device_name, package_versions
+from .errors import BundleError
+from .reference import Reference
+from .runtime import Runtime
+from .stepping import State, Stepper
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs: float  # largest allowed |logit difference| at any compared position...
+    scaled: bool  # ...times max(1, the reference's largest |logit|) when True (fp16: rounding grows with scale)
+    min_cosine: float  # smallest allowed cosine similarity of a position's logit vectors
+    min_top1: float  # smallest allowed fraction of positions whose argmax agrees
+    greedy_must_match: bool  # the bundle's own greedy choices must equal the reference's
+
+
+DEFAULT_THRESHOLDS = {
+    # fp32 should agree to ~1e-5; 1e-3 leaves room for kernel differences, not for bugs.
+    "float32": Thresholds(max_abs=1e-3, scaled=False, min_cosine=0.99999, min_top1=1.0, greedy_must_match=True),
+    # fp16 rounds every weight and activation: judge by top-1 and a loose error bound.
+    "float16": Thresholds(max_abs=0.02, scaled=True, min_cosine=0.999, min_top1=0.97, greedy_must_match=False),
+}
+
+
+CPU_FALLBACK_WARNING = (
+    "WARNING: CUDA is not usable here, so this validation runs on ONNX Runtime's CPU provider.\n"
+    "         It says nothing about the CUDA provider you may deploy on; rerun on a GPU machine."
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch: int = 3
+    prompt_length: int = 12
+    decode_steps: int = 8
+    seed: int = 0
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    positions: int
+    max_abs: float
+    mean_abs: float
+    min_cosine: float
+    top1: float
+    greedy_match: bool | None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class Report:
+    bundle: str
+    checkpoint: str
+    requested_provider: str
+    provider: str  # the one that actually ran, read back from the session
+    device: str
+    dtype: str
+    thresholds: Thresholds
+    settings: Settings
+    phases: list[PhaseResult]
+    contract_problems: list[str]
+    versions: dict[str, str | None]
+
+    @property
+    def passed(self) -> bool:
+        return not self.contract_problems and all(p.passed for p in self.phases)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["verdict"] = "pass" if self.passed else "fail"
+        for phase, result in zip(data["phases"], self.phases, strict=True):
+            phase["passed"] = result.passed
+        return data
+
+
+class _Comparison:
+    """Accumulates per-position logit comparisons for one phase."""
+
+    def __init__(self) -> None:
+        self.got: list[np.ndarray] = []
+        self.want: list[np.ndarray] = []
+        self.greedy_match: bool | None = None
+
+    def add(self, got: np.ndarray, want: np.ndarray, real: np.ndarray | None = None) -> None:
+        """got/want [..., V]; `real` selects the positions that mean something (not padding)."""
+        if real is not None:
+            got, want = got[real], want[real]
+        self.got.append(got.reshape(-1, got.shape[-1]).astype(np.float64))
+        self.want.append(want.reshape(-1, want.shape[-1]).astype(np.float64))
+
+    def result(self, name: str, limits: Thresholds) -> PhaseResult:
+        got, want = np.concatenate(self.got), np.concatenate(self.want)
+        diff = np.abs(got - want)
+        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+        cosine = (got * want).sum(axis=1) / np.maximum(norms, 1e-30)
+        top1 = float((got.argmax(1) == want.argmax(1)).mean())
+        res = PhaseResult(
+            name=name,
+            positions=len(got),
+            max_abs=float(diff.max()),
+            mean_abs=float(diff.mean()),
+            min_cosine=float(cosine.min()),
+            top1=top1,
+            greedy_match=self.greedy_match,
+        )
+        if not np.isfinite(got).all():
+            res.failures.append("non-finite logits")
+        bound = limits.max_abs * max(1.0, float(np.abs(want).max())) if limits.scaled else limits.max_abs
+        if res.max_abs > bound:
+            res.failures.append(f"max |error| {res.max_abs:.3g} > {bound:.3g}")
+        if res.min_cosine < limits.min_cosine:
+            res.failures.append(f"cosine {res.min_cosine:.6f} < {limits.min_cosine}")
+        if res.top1 < limits.min_top1:
+            res.failures.append(f"top-1 agreement {res.top1:.3f} < {limits.min_top1}")
+        if limits.greedy_must_match and self.greedy_match is False:
+            res.failures.append("greedy tokens differ")
+        return res
+
+
+def make_prompts(vocab: int, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids, left-padded: row b has min(2*b, length-1) padding tokens (id 0, mask 0)."""
+    rng = np.random.default_rng(settings.seed)
+    ids = rng.integers(0, vocab, size=(settings.batch, settings.prompt_length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for b in range(settings.batch):
+        pad = min(2 * b, settings.prompt_length - 1)
+        ids[b, :pad], mask[b, :pad] = 0, 0
+    return ids, mask
+
+
+class _CheckedRuntime(Stepper):
+    """Wraps the ONNX runtime so every call is checked against the contract."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.problems: list[str] = []
+
+    def run(self, input_ids, attention_mask, past):
+        logits, present = self.runtime.run(input_ids, attention_mask, past)
+        contract = self.runtime.contract
+        batch, seq = input_ids.shape
+        host = [p if isinstance(p, np.ndarray) else p.numpy() for p in present]
+        outputs = dict(zip(contract.output_names(), [logits, *host], strict=True))
+        for problem in contract.check_outputs(outputs, batch, seq, attention_mask.shape[1] - seq):
+            if problem not in self.problems:
+                self.problems.append(problem)
+        return logits, present
+
+    def empty_past(self, batch):
+        return self.runtime.empty_past(batch)
+
+
+def _decode(
+    bundle: Stepper, reference: Stepper, logits: tuple[np.ndarray, np.ndarray], states: tuple[State, State], steps: int
+) -> _Comparison:
+    """Feed the reference's greedy tokens to both; compare every step's last-position logits."""
+    comparison = _Comparison()
+    got, want = logits
+    bundle_state, ref_state = states
+    matches = []
+    for _ in range(steps):
+        token = want[:, -1].argmax(-1)
+        matches.append(bool((got[:, -1].argmax(-1) == token).all()))
+        got, bundle_state = bundle.extend(token[:, None], bundle_state)
+        want, ref_state = reference.extend(token[:, None], ref_state)
+        comparison.add(got[:, -1], want[:, -1])
+    matches.append(bool((got[:, -1].argmax(-1) == want[:, -1].argmax(-1)).all()))
+    comparison.greedy_match = all(matches)
+    return comparison
+
+
+def run_validation(
+    bundle_dir: Path,
+    checkpoint_dir: Path | None = None,
+    provider: str = "auto",
+    settings: Settings = Settings(),
+    thresholds: Thresholds | None = None,
+    log=lambda _: None,
+) -> Report:
+    manifest = read_manifest(bundle_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else manifest.source_checkpoint
+    if checkpoint_dir is None:
+        raise BundleError(f"{bundle_dir}: manifest records no source checkpoint; pass --checkpoint")
+    _check_same_shape(manifest.raw.get("model", {}), load_config(checkpoint_dir), checkpoint_dir)
+    limits = thresholds or DEFAULT_THRESHOLDS[manifest.dtype]
+
+    runtime = Runtime(bundle_dir, provider=provider)
+    log(f"ONNX Runtime provider: {runtime.provider.upper()}")
+    if runtime.provider == "cpu" and provider == "auto":
+        log(CPU_FALLBACK_WARNING)
+    bundle = _CheckedRuntime(runtime)
+    log(f"loading the PyTorch reference from {checkpoint_dir}")
+    reference = Reference.from_checkpoint(checkpoint_dir)
+
+    ids, mask = make_prompts(manifest.contract.vocab_size, settings)
+    real = mask.astype(bool)
+    phases = []
+
+    log(f"prefill: batch {settings.batch}, {settings.prompt_length} tokens, left padding")
+    got, bundle_state = bundle.prefill(ids, mask)
+    want, ref_state = reference.prefill(ids, mask)
+    prefill = _Comparison()
+    prefill.add(got, want, real)
+    phases.append(prefill.result("prefill", limits))
+
+    log(f"decode: {settings.decode_steps} greedy steps")
+    phases.append(
+        _decode(bundle, reference, (got, want), (bundle_state, ref_state), settings.decode_steps).result(
+            "decode", limits
+        )
+    )
+
+    log("chunked prefill: the same prompts in two calls (past > 0, sequence > 1)")
+    split = settings.prompt_length // 2
+    first, state = bundle.prefill(ids[:, :split], mask[:, :split])
+    second, _ = bundle.run(ids[:, split:], mask, state.past)  # the full mask: the chunk may hold padding
+    chunked = _Comparison()
+    chunked.add(np.concatenate([first, second], axis=1), want, real)
+    phases.append(chunked.result("chunked-prefill", limits))
+
+    log("batch 1: the first prompt alone")
+    one_ids, one_mask = ids[:1, real[0]], mask[:1, real[0]]
+    got1, b_state = bundle.prefill(one_ids, one_mask)
+    want1, r_state = reference.prefill(one_ids, one_mask)
+    single = _decode(bundle, reference, (got1, want1), (b_state, r_state), settings.decode_steps)
+    single.add(got1, want1)
+    phases.append(single.result("batch-1", limits))
+
+    return Report(
+        bundle=str(Path(bundle_dir).resolve()),
+        checkpoint=str(Path(checkpoint_dir).resolve()),
+        requested_provider=provider,
+        provider=runtime.provider,
+        device=device_name(runtime.provider),
+        dtype=manifest.dtype,
+        thresholds=limits,
+        settings=settings,
+        phases=phases,
+        contract_problems=bundle.problems,
+        versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
+    )
+
+
+def _check_same_shape(model: dict, config, checkpoint_dir: Path) -> None:
+    """A bundle can only be validated against a checkpoint of the same shape."""
+    ours = {
+        "parscale_n": config.parscale_n,
+        "parscale_n_tokens": config.parscale_n_tokens,
+        "num_layers": config.num_layers,
+        "num_kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+    }
+    for key, value in ours.items():
+        if model.get(key) != value:
+            raise BundleError(f"bundle and checkpoint {checkpoint_dir} disagree on {key}: {model.get(key)} vs {value}")

@@ -1,0 +1,24 @@
+"""The README's plain-onnxruntime example runs and agrees with our runtime."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from conftest import ROOT, TINY
+
+from parscale_export.runtime import Runtime
+
+
+def test_readme_example_generates_what_the_runtime_generates(bundle, capsys) -> None:
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    path = bundle(TINY)
+    assert 'bundle = "build/demo-bundle"' in code
+    namespace: dict = {}
+    exec(code.replace('bundle = "build/demo-bundle"', f"bundle = {str(path)!r}"), namespace)
+    ids = np.array([[72, 101, 108, 108, 111], [0, 0, 72, 105, 33]])
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    expected = Runtime(path).greedy(ids, mask, steps=5)
+    np.testing.assert_array_equal(np.stack(namespace["generated"], axis=1), expected)
+    assert str(expected[0, 0]) in capsys.readouterr().out

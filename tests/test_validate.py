@@ -1,0 +1,104 @@
+"""validate passes a correct bundle, fails drifted ones (exit 1), and refuses what it cannot do (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import CONFORMANCE, TINY
+from parscale_export.cli.main import main
+from safetensors.torch import load_file, save_file
+
+from parscale_export.runtime import cuda_available
+
+
+def drifted_copy(tmp_path, name: str, change) -> object:
+    """A copy of the tiny checkpoint with one edit to its weights."""
+    ckpt = tmp_path / name
+    shutil.copytree(TINY, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    change(tensors)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+def test_correct_bundle_passes_on_cpu_and_says_so(bundle, tmp_path, capsys) -> None:
+    report = tmp_path / "report.json"
+    assert main(["validate", str(bundle(TINY)), "--report", str(report)]) == 0
+    out, err = capsys.readouterr()
+    if not cuda_available():
+        assert "runs on ONNX Runtime's CPU provider" in err and "PASS on CPU" in out
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "pass" and data["provider"] in ("cpu", "cuda")
+    assert {p["name"] for p in data["phases"]} == {"prefill", "decode", "chunked-prefill", "batch-1"}
+    assert all(p["max_abs"] < 1e-4 and p["top1"] == 1.0 for p in data["phases"])
+    assert data["versions"]["torch"] and data["device"] and data["thresholds"]["max_abs"] == 1e-3
+
+
+def test_p1_and_sharded_bf16_bundles_pass(bundle) -> None:
+    for name in ("p1_plain_mqa", "p2_gqa_bf16_sharded"):
+        assert main(["validate", str(bundle(CONFORMANCE / name)), "--provider", "cpu"]) == 0
+
+
+def scale_one_prefix(t) -> None:
+    t["model.layers.1.self_attn.prefix_k"][2] *= 1.5  # one stream, one layer
+
+
+def move_one_aggregation_bias(t) -> None:
+    t["model.aggregate_layer.2.bias"][1] += 0.5
+
+
+def swap_streams(t) -> None:
+    """What a wrong row order would look like: streams 0 and 1 trade prefixes everywhere."""
+    for name, tensor in t.items():
+        if name.endswith(("prefix_k", "prefix_v")):
+            t[name] = tensor[[1, 0, 2, 3]].contiguous()
+
+
+@pytest.mark.parametrize("change", [scale_one_prefix, move_one_aggregation_bias, swap_streams])
+def test_drifted_weights_fail_with_exit_1(change, bundle, tmp_path, capsys) -> None:
+    drifted = drifted_copy(tmp_path, change.__name__, change)
+    report = tmp_path / "report.json"
+    code = main(["validate", str(bundle(drifted)), "--checkpoint", str(TINY), "--report", str(report)])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert "FAIL" in out and "validation failed" in err
+    assert json.loads(report.read_text())["verdict"] == "fail"
+
+
+def test_tolerance_override_is_honoured(bundle, capsys) -> None:
+    assert main(["validate", str(bundle(TINY)), "--provider", "cpu", "--atol", "1e-12"]) == 1
+    assert "max |error|" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(cuda_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(bundle, capsys) -> None:
+    assert main(["validate", str(bundle(TINY)), "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA" in err and "Traceback" not in err
+
+
+def test_corrupt_model_is_a_clear_error(bundle, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle(TINY), broken)
+    data = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[: len(data) // 2])
+    assert main(["validate", str(broken), "--provider", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx" in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_shape_is_refused(bundle, capsys) -> None:
+    assert main(["validate", str(bundle(TINY)), "--checkpoint", str(CONFORMANCE / "p2_gqa_bf16_sharded")]) == 2
+    assert "disagree on parscale_n" in capsys.readouterr().err
+
+
+def test_not_a_bundle(tmp_path, capsys) -> None:
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "manifest.json: missing" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_fp16_bundle_passes_on_cuda(bundle) -> None:
+    assert main(["validate", str(bundle(TINY, "fp16")), "--provider", "cuda"]) == 0
