@@ -32,6 +32,12 @@ def convert_command(
     dtype: Annotated[
         DType, typer.Option(help="Weights and cache dtype in the graph; fp16 is meant for CUDA.")
     ] = DType.fp32,
+    genai: Annotated[
+        bool,
+        typer.Option(
+            "--genai", help="Also make the bundle loadable by onnxruntime-genai (cache seen as [batch, P*kv, seq, d])."
+        ),
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")
     ] = False,
@@ -55,7 +61,7 @@ def convert_command(
     def log(message: str) -> None:
         typer.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
-    result = convert(checkpoint, output, dtype=dtype.value, force=force, log=log)
+    result = convert(checkpoint, output, dtype=dtype.value, force=force, genai=genai, log=log)
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
     for name, size in result.files.items():
         typer.echo(f"  {name:28s} {_size(size):>10s}")

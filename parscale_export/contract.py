@@ -10,7 +10,10 @@ Outputs:
   logits          float32 [batch, sequence, vocab]
   present.{i}.key / .value           [P*batch, kv_heads, past_sequence + sequence, head_dim]
 
-Row b*P + p of the folded batch is stream p of sequence b.
+Row b*P + p of the folded batch is stream p of sequence b. Because a sequence's streams are
+adjacent, the same memory is [batch, P*kv_heads, seq, head_dim]: bundles made for
+onnxruntime-genai (`cache_layout = "heads"`) declare their cache in that shape; everything
+else about them is the same.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .errors import BundleError
 
 CONTRACT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
+CACHE_LAYOUTS = ("rows", "heads")
 
 # Symbolic axis names, as written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL, ROWS = "batch", "sequence", "past_sequence", "total_sequence", "cache_rows"
@@ -37,6 +41,7 @@ class Contract:
     head_dim: int
     vocab_size: int
     dtype: str  # dtype of the cache tensors: "float32" or "float16"
+    cache_layout: str = "rows"  # "rows": [P*batch, KV, seq, D]; "heads": [batch, P*KV, seq, D] (genai)
     version: int = CONTRACT_VERSION
 
     @property
@@ -56,6 +61,8 @@ class Contract:
         return ["logits", *self.present_names()]
 
     def cache_shape(self, batch: int | str, length: int | str) -> tuple[int | str, ...]:
+        if self.cache_layout == "heads":
+            return (batch, self.parscale_n * self.num_kv_heads, length, self.head_dim)
         rows = self.parscale_n * batch if isinstance(batch, int) else ROWS
         return (rows, self.num_kv_heads, length, self.head_dim)
 
@@ -107,4 +114,6 @@ class Contract:
             raise BundleError(f"malformed contract in manifest ({exc})") from None
         if contract.dtype not in DTYPES:
             raise BundleError(f"manifest names cache dtype {contract.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if contract.cache_layout not in CACHE_LAYOUTS:
+            raise BundleError(f"manifest names cache layout {contract.cache_layout!r}")
         return contract

@@ -34,6 +34,7 @@ from .config import ModelConfig, load_config
 from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
 from .environment import package_versions
 from .errors import BundleError, OutputError
+from .genai import GENAI_CONFIG, genai_config, special_tokens
 from .model import ParScaleForCausalLM, build_model
 
 OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
@@ -53,21 +54,33 @@ class ConvertResult:
 
 
 class ExportGraph(nn.Module):
-    """The model with a flat signature: ids, mask, positions, then past key/value per layer."""
+    """The model with a flat signature: ids, mask, positions, then past key/value per layer.
 
-    def __init__(self, lm: ParScaleForCausalLM) -> None:
+    With `heads_layout` the cache is declared [B, P*KV, L, D] (what onnxruntime-genai expects)
+    instead of [B*P, KV, L, D]; the reshapes between the two are free and cancel in the graph.
+    """
+
+    def __init__(self, lm: ParScaleForCausalLM, heads_layout: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        self.heads_layout = heads_layout
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]):
-        logits, presents = self.lm(
-            input_ids, attention_mask, position_ids, list(zip(past[0::2], past[1::2], strict=True))
-        )
-        return (logits, *(t for kv in presents for t in kv))
+        c = self.lm.config
+        if self.heads_layout:
+            past = tuple(t.reshape(-1, c.num_kv_heads, t.shape[2], c.head_dim) for t in past)
+        pairs = list(zip(past[0::2], past[1::2], strict=True))
+        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs)
+        flat = [t for kv in presents for t in kv]
+        if self.heads_layout:
+            batch = input_ids.shape[0]
+            flat = [t.reshape(batch, c.parscale_n * c.num_kv_heads, t.shape[2], c.head_dim) for t in flat]
+        return (logits, *flat)
 
 
-def contract_for(config: ModelConfig, dtype: str) -> Contract:
+def contract_for(config: ModelConfig, dtype: str, genai: bool = False) -> Contract:
     return Contract(
+        cache_layout="heads" if genai else "rows",
         num_layers=config.num_layers,
         parscale_n=config.parscale_n,
         num_kv_heads=config.num_kv_heads,
@@ -82,9 +95,13 @@ def convert(
     out_dir: Path,
     dtype: str = "fp32",
     force: bool = False,
+    genai: bool = False,
     log: Log = lambda _: None,
 ) -> ConvertResult:
-    """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses."""
+    """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses.
+
+    `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds genai_config.json,
+    so that onnxruntime-genai loads the bundle as it is."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if dtype not in EXPORT_DTYPES:
@@ -103,7 +120,11 @@ def convert(
     digest = weights_digest(checkpoint_dir)
     model = build_model(config, weights, EXPORT_DTYPES[dtype])
     del weights
-    contract = contract_for(config, dtype)
+    contract = contract_for(config, dtype, genai)
+    if genai:
+        genai_settings, notes = genai_config(config, contract, special_tokens(checkpoint_dir))
+        for note in notes:
+            log(f"note: {note}")
 
     with _staging_dir(out_dir) as staging:
         log(f"tracing and exporting to ONNX (opset {OPSET}, {dtype})")
@@ -119,6 +140,8 @@ def convert(
                 shutil.copyfile(checkpoint_dir / name, staging / name)
         manifest = _manifest(config, contract, dtype, checkpoint_dir, digest)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if genai:
+            (staging / GENAI_CONFIG).write_text(json.dumps(genai_settings, indent=2) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         _move_into_place(staging, out_dir)
     return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=config)
@@ -140,7 +163,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path) -> 
     s = Dim(SEQUENCE, min=1, max=1 << 20)
     p = Dim(PAST, min=0, max=1 << 20)
     t = Dim(TOTAL, min=1, max=1 << 21)
-    rows = b * c.parscale_n if c.parscale_n > 1 else b
+    rows = b * c.parscale_n if c.parscale_n > 1 and contract.cache_layout == "rows" else b
     dynamic_shapes = {
         "input_ids": {0: b, 1: s},
         "attention_mask": {0: b, 1: t},
@@ -149,7 +172,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path) -> 
     }
     with _quiet_exporter():
         program = torch.onnx.export(
-            ExportGraph(model).eval(),
+            ExportGraph(model, heads_layout=contract.cache_layout == "heads").eval(),
             args,
             dynamo=True,
             opset_version=OPSET,

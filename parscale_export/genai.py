@@ -1,0 +1,107 @@
+"""genai_config.json for onnxruntime-genai.
+
+genai drives the graph as if it were a plain Qwen2 with P*heads query heads and P*kv_heads
+key/value heads: the bundle's cache is declared [batch, P*kv_heads, seq, head_dim] (contract
+cache_layout "heads"), the prefix lives inside the graph, and present length = total length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .contract import Contract
+from .errors import ConfigError
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def special_tokens(checkpoint_dir: Path) -> dict[str, list[int]]:
+    """eos/bos/pad ids from generation_config.json, falling back to config.json; lists, maybe empty."""
+    found: dict[str, list[int]] = {"eos_token_id": [], "bos_token_id": [], "pad_token_id": []}
+    for name in ("config.json", "generation_config.json"):  # the later file wins
+        path = Path(checkpoint_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        for key in found:
+            value = raw.get(key) if isinstance(raw, dict) else None
+            ids = value if isinstance(value, list) else [value]
+            ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+            if ids:
+                found[key] = ids
+    return found
+
+
+def genai_config(
+    config: ModelConfig, contract: Contract, tokens: dict[str, list[int]]
+) -> tuple[dict[str, Any], list[str]]:
+    """The genai_config.json dictionary, and notes for the user about choices made for them."""
+    notes = []
+    vocab = config.vocab_size
+    eos = [i for i in tokens["eos_token_id"] if 0 <= i < vocab]
+    if tokens["eos_token_id"] and not eos:
+        raise ConfigError(
+            f"eos_token_id {tokens['eos_token_id']} is outside the vocabulary [0, {vocab}); "
+            "onnxruntime-genai refuses such a config"
+        )
+    if not eos:
+        eos = [vocab - 1]
+        notes.append(f"the checkpoint names no eos_token_id; genai_config.json uses {vocab - 1} (the last id)")
+    pad = next((i for i in tokens["pad_token_id"] if 0 <= i < vocab), eos[0])
+    bos = next((i for i in tokens["bos_token_id"] if 0 <= i < vocab), eos[0])
+    n = config.parscale_n
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": "model.onnx",
+        "head_size": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        # The P streams look like P times the heads to genai: row b*P+p of our cache is heads p*KV.. of b.
+        "num_attention_heads": n * config.num_heads,
+        "num_hidden_layers": config.num_layers,
+        "num_key_value_heads": n * config.num_kv_heads,
+    }
+    assert contract.cache_layout == "heads", "genai needs the heads cache layout"
+    model = {
+        "bos_token_id": bos,
+        "context_length": config.max_position_embeddings,
+        "decoder": decoder,
+        "eos_token_id": eos if len(eos) > 1 else eos[0],
+        "pad_token_id": pad,
+        "type": "qwen2",
+        "vocab_size": vocab,
+    }
+    search = {
+        "diversity_penalty": 0.0,
+        "do_sample": False,
+        "early_stopping": True,
+        "length_penalty": 1.0,
+        "max_length": config.max_position_embeddings,
+        "min_length": 0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": False,  # our present is a new tensor, past + new tokens
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+    }
+    return {"model": model, "search": search}, notes
