@@ -17,6 +17,7 @@ import typer
 from parscale_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ParScaleExportError
 
 from .convert import convert_command
+from .generate import generate_command
 from .validate import validate_command
 
 INTERRUPTED = "interrupted; nothing was left behind"
@@ -27,7 +28,8 @@ app = typer.Typer(
         "Export ParScale checkpoints to ONNX and check them.\n\n"
         "Typical use:\n\n"
         "    parscale-export convert ./my-parscale-ckpt -o ./bundle\n"
-        "    parscale-export validate ./bundle\n\n"
+        "    parscale-export validate ./bundle\n"
+        "    parscale-export generate ./bundle --prompt 'Hello'\n\n"
         "Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 130 interrupted."
     ),
     no_args_is_help=True,
@@ -38,6 +40,7 @@ app = typer.Typer(
 )
 app.command("convert")(convert_command)
 app.command("validate")(validate_command)
+app.command("generate")(generate_command)
 
 
 @app.callback()

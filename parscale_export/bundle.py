@@ -52,6 +52,15 @@ class Manifest:
     def dtype(self) -> str:
         return self.contract.dtype
 
+    @property
+    def eos_ids(self) -> list[int]:
+        return self.raw.get("tokens", {}).get("eos_token_id", [])
+
+    @property
+    def pad_id(self) -> int:
+        tokens = self.raw.get("tokens", {})
+        return next(iter(tokens.get("pad_token_id", []) + tokens.get("eos_token_id", [])), 0)
+
 
 def read_manifest(bundle_dir: Path) -> Manifest:
     """Open a bundle directory; BundleError names the file and the problem."""

@@ -183,3 +183,23 @@ def _number(raw: dict[str, Any], key: str, default: float | None = None) -> floa
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return float(value)
+
+
+def special_tokens(checkpoint_dir: Path) -> dict[str, list[int]]:
+    """eos/bos/pad ids from generation_config.json, falling back to config.json; lists, maybe empty."""
+    found: dict[str, list[int]] = {"eos_token_id": [], "bos_token_id": [], "pad_token_id": []}
+    for name in ("config.json", "generation_config.json"):  # the later file wins
+        path = Path(checkpoint_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        for key in found:
+            value = raw.get(key) if isinstance(raw, dict) else None
+            ids = value if isinstance(value, list) else [value]
+            ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+            if ids:
+                found[key] = ids
+    return found

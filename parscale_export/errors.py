@@ -38,6 +38,10 @@ class ProviderError(ParScaleExportError):
     """The requested ONNX Runtime execution provider cannot run here."""
 
 
+class UsageError(ParScaleExportError):
+    """Options or arguments that make no sense together."""
+
+
 class ValidationFailed(ParScaleExportError):
     """The bundle ran, but its numbers disagree with the reference beyond tolerance."""
 

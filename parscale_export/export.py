@@ -30,11 +30,11 @@ from torch.export import Dim
 from . import __version__
 from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
 from .checkpoint import load_weights, weights_digest
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, special_tokens
 from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
 from .environment import package_versions
 from .errors import BundleError, OutputError
-from .genai import GENAI_CONFIG, genai_config, special_tokens
+from .genai import GENAI_CONFIG, genai_config
 from .model import ParScaleForCausalLM, build_model
 
 OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
@@ -121,8 +121,9 @@ def convert(
     model = build_model(config, weights, EXPORT_DTYPES[dtype])
     del weights
     contract = contract_for(config, dtype, genai)
+    tokens = special_tokens(checkpoint_dir)
     if genai:
-        genai_settings, notes = genai_config(config, contract, special_tokens(checkpoint_dir))
+        genai_settings, notes = genai_config(config, contract, tokens)
         for note in notes:
             log(f"note: {note}")
 
@@ -138,7 +139,7 @@ def convert(
         for name in COPIED_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
-        manifest = _manifest(config, contract, dtype, checkpoint_dir, digest)
+        manifest = _manifest(config, contract, dtype, checkpoint_dir, digest, tokens)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if genai:
             (staging / GENAI_CONFIG).write_text(json.dumps(genai_settings, indent=2) + "\n", encoding="utf-8")
@@ -195,7 +196,9 @@ def _strip_node_metadata(path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def _manifest(config: ModelConfig, contract: Contract, dtype: str, checkpoint_dir: Path, digest: str) -> dict:
+def _manifest(
+    config: ModelConfig, contract: Contract, dtype: str, checkpoint_dir: Path, digest: str, tokens: dict
+) -> dict:
     return {
         "format": FORMAT,
         "contract": contract.to_dict(),
@@ -213,6 +216,7 @@ def _manifest(config: ModelConfig, contract: Contract, dtype: str, checkpoint_di
         },
         "dtype": dtype,
         "opset": OPSET,
+        "tokens": tokens,
         "files": {"model": MODEL_FILE, "external_data": DATA_FILE},
         "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights": digest},
         "versions": {

@@ -7,8 +7,6 @@ cache_layout "heads"), the prefix lives inside the graph, and present length = t
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
@@ -16,26 +14,6 @@ from .contract import Contract
 from .errors import ConfigError
 
 GENAI_CONFIG = "genai_config.json"
-
-
-def special_tokens(checkpoint_dir: Path) -> dict[str, list[int]]:
-    """eos/bos/pad ids from generation_config.json, falling back to config.json; lists, maybe empty."""
-    found: dict[str, list[int]] = {"eos_token_id": [], "bos_token_id": [], "pad_token_id": []}
-    for name in ("config.json", "generation_config.json"):  # the later file wins
-        path = Path(checkpoint_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        for key in found:
-            value = raw.get(key) if isinstance(raw, dict) else None
-            ids = value if isinstance(value, list) else [value]
-            ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-            if ids:
-                found[key] = ids
-    return found
 
 
 def genai_config(
