@@ -11,8 +11,8 @@ from parscale_export.runtime import Runtime
 
 
 def test_readme_example_generates_what_the_runtime_generates(bundle, capsys) -> None:
-    text = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    code = blocks[0]
     path = bundle(TINY)
     assert 'bundle = "build/demo-bundle"' in code
     namespace: dict = {}
@@ -22,3 +22,12 @@ def test_readme_example_generates_what_the_runtime_generates(bundle, capsys) -> 
     expected = Runtime(path).greedy(ids, mask, steps=5)
     np.testing.assert_array_equal(np.stack(namespace["generated"], axis=1), expected)
     assert str(expected[0, 0]) in capsys.readouterr().out
+
+
+def test_readme_library_example_runs(bundle) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    code = blocks[1]
+    assert '"build/demo-bundle"' in code
+    namespace: dict = {}
+    exec(code.replace('"build/demo-bundle"', repr(str(bundle(TINY)))), namespace)
+    assert [len(t) for t in namespace["tokens"]] == [16, 16] or any(256 in t for t in namespace["tokens"])
