@@ -140,8 +140,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is None and isinstance(params, dict):
         theta = _number(params, "rope_theta", theta)
         scaling = params
-    if theta <= 0:
-        raise ConfigError(f"rope_theta must be positive, got {theta}")
+    if theta <= 1:
+        raise ConfigError(f"rope_theta must be greater than 1, got {theta}")
     if scaling is None:
         return theta, None
     if not isinstance(scaling, dict):
@@ -159,9 +159,16 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     factor = _number(scaling, "factor")
     if (factor < 1.0 and rope_type != "linear") or factor <= 0:
         raise ConfigError(f"rope_scaling.factor {factor} is out of range for {rope_type!r}")
+    if rope_type == "yarn":
+        for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            if scaling.get(key) is not None and _number(scaling, key) < 0:
+                raise ConfigError(f"rope_scaling.{key} must not be negative")
+        if scaling.get("original_max_position_embeddings") is not None:
+            _int(scaling, "original_max_position_embeddings")
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            _number(scaling, key)
+            if _number(scaling, key) <= 0:
+                raise ConfigError(f"rope_scaling.{key} must be positive")
         if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
             raise ConfigError("rope_scaling.high_freq_factor must exceed low_freq_factor")
     return theta, scaling

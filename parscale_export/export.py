@@ -253,6 +253,8 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle should look like any directory
     try:
         yield staging
+    except OSError as exc:  # a full disk, a vanished directory: the user's problem to fix, not a bug
+        raise OutputError(f"{out_dir}: writing the bundle failed ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
