@@ -16,6 +16,7 @@ import typer
 
 from parscale_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ParScaleExportError
 
+from .bench import bench_command
 from .convert import convert_command
 from .generate import generate_command
 from .validate import validate_command
@@ -41,6 +42,7 @@ app = typer.Typer(
 app.command("convert")(convert_command)
 app.command("validate")(validate_command)
 app.command("generate")(generate_command)
+app.command("bench")(bench_command)
 
 
 @app.callback()

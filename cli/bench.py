@@ -1,0 +1,129 @@
+"""`parscale-export bench`: ONNX Runtime and the PyTorch reference side by side, with ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from parscale_export.bench import Measurement, measure
+from parscale_export.bundle import read_manifest
+from parscale_export.environment import device_name, package_versions
+from parscale_export.errors import UsageError
+from parscale_export.runtime import resolve_provider
+
+from .validate import Provider
+
+
+def bench_command(
+    bundles: Annotated[
+        list[Path], typer.Argument(help="One or more bundles; several with different P give a P-scaling table.")
+    ],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint for the PyTorch side (one bundle only). Default: the manifest's source."),
+    ] = None,
+    batch: Annotated[
+        list[int] | None, typer.Option(help="Batch sizes to measure; repeat the option. Default: 1 and 4.")
+    ] = None,
+    prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens for the prefill.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Greedy decode steps timed.")] = 32,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for both engines.")] = 2,
+    provider: Annotated[
+        Provider, typer.Option(help="ONNX Runtime provider; the PyTorch side runs on CPU.")
+    ] = Provider.auto,
+    reference: Annotated[
+        bool, typer.Option(help="Also time the PyTorch reference (--no-reference: ONNX Runtime only).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as one JSON object.")] = False,
+) -> None:
+    """Time prefill and greedy decode: ONNX Runtime vs the PyTorch reference, in one run.
+
+    Each engine runs in a fresh process, so its peak memory is its own. Ratios are
+    ONNX Runtime over PyTorch (higher is better for ONNX Runtime); with several bundles the
+    decode step time of each P is divided by that of the smallest P.
+
+    Example:
+
+        parscale-export bench ./bundle-p1 ./bundle-p4 ./bundle-p8 --batch 1 --batch 8
+    """
+    if checkpoint and len(bundles) > 1:
+        raise UsageError("--checkpoint applies to one bundle; with several, each uses its manifest's source")
+    for path in bundles:
+        read_manifest(path)  # fail early, with the usual message, on a bad bundle
+    batches = batch or [1, 4]
+    ort_provider = resolve_provider(provider.value)
+    log = (lambda _: None) if as_json else (lambda m: typer.echo(m, err=True))
+    results: list[Measurement] = []
+    for path in bundles:
+        for size in batches:
+            for engine in ("onnxruntime", "pytorch") if reference else ("onnxruntime",):
+                log(f"measuring {engine} on {path} (batch {size})")
+                results.append(measure(engine, path, checkpoint, size, prompt_length, steps, threads, ort_provider))
+    machine = {
+        "device": device_name(ort_provider),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "provider": ort_provider,
+        "versions": package_versions("onnxruntime-gpu", "onnxruntime", "torch"),
+    }
+    if as_json:
+        typer.echo(json.dumps({"machine": machine, "measurements": [_row(m) for m in results]}, indent=2))
+        return
+    typer.echo(
+        f"machine: {machine['device']}, {threads} of {machine['cpu_count']} threads, ORT on {ort_provider.upper()}"
+    )
+    typer.echo(f"prompt {prompt_length} tokens, {steps} greedy decode steps")
+    typer.echo("bundle                    P batch engine       prefill tok/s decode tok/s  ms/step  peak RSS")
+    for m in results:
+        t = m.timing
+        name = Path(m.bundle).name[:24]
+        step_ms = 1e3 * t.decode_seconds / t.steps
+        typer.echo(
+            f"{name:24s} {m.parscale_n:2d} {t.batch:5d} {m.engine:12s} {t.prefill_tokens_per_second:13.1f} "
+            f"{t.decode_tokens_per_second:12.1f} {step_ms:8.2f} {m.peak_rss_bytes / 2**20:5.0f} MiB"
+        )
+    if reference:
+        typer.echo("ratios, ONNX Runtime / PyTorch:")
+        for ort_run, torch_run in zip(results[0::2], results[1::2], strict=True):
+            a, b = ort_run.timing, torch_run.timing
+            prefill = a.prefill_tokens_per_second / b.prefill_tokens_per_second
+            decode = a.decode_tokens_per_second / b.decode_tokens_per_second
+            same = "same" if (a.tokens == b.tokens).all() else "DIFFERENT"
+            name = Path(ort_run.bundle).name[:24]
+            typer.echo(
+                f"  {name:24s} batch {a.batch}: prefill {prefill:.2f}x, decode {decode:.2f}x, greedy tokens {same}"
+            )
+    _p_scaling(results, batches)
+
+
+def _p_scaling(results: list[Measurement], batches: list[int]) -> None:
+    runs = [m for m in results if m.engine == "onnxruntime"]
+    if len({m.parscale_n for m in runs}) < 2:
+        return
+    typer.echo("P scaling, ONNX Runtime decode step time relative to the smallest P:")
+    for size in batches:
+        rows = sorted((m for m in runs if m.timing.batch == size), key=lambda m: m.parscale_n)
+        base = rows[0].timing.decode_seconds
+        cells = ", ".join(f"P={m.parscale_n} {m.timing.decode_seconds / base:.2f}x" for m in rows)
+        typer.echo(f"  batch {size}: {cells}")
+
+
+def _row(m: Measurement) -> dict:
+    t = m.timing
+    return {
+        "engine": m.engine,
+        "bundle": m.bundle,
+        "parscale_n": m.parscale_n,
+        "batch": t.batch,
+        "prompt_length": t.prompt_length,
+        "steps": t.steps,
+        "prefill_tokens_per_second": t.prefill_tokens_per_second,
+        "decode_tokens_per_second": t.decode_tokens_per_second,
+        "decode_ms_per_step": 1e3 * t.decode_seconds / t.steps,
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "tokens": t.tokens.tolist(),
+    }
