@@ -12,6 +12,13 @@ import typer
 from parscale_export.export import convert
 
 
+class Quantization(StrEnum):
+    """The --quantize choices; parscale_export.quantize.BITS lists them."""
+
+    int8 = "int8"
+    int4 = "int4"
+
+
 class DType(StrEnum):
     """The --dtype choices; export.EXPORT_DTYPES maps them to torch dtypes."""
 
@@ -38,6 +45,10 @@ def convert_command(
             "--genai", help="Also make the bundle loadable by onnxruntime-genai (cache seen as [batch, P*kv, seq, d])."
         ),
     ] = False,
+    quantize: Annotated[
+        Quantization | None,
+        typer.Option(help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits)."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")
     ] = False,
@@ -61,7 +72,15 @@ def convert_command(
     def log(message: str) -> None:
         typer.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
-    result = convert(checkpoint, output, dtype=dtype.value, force=force, genai=genai, log=log)
+    result = convert(
+        checkpoint,
+        output,
+        dtype=dtype.value,
+        force=force,
+        genai=genai,
+        quantize=quantize.value if quantize else None,
+        log=log,
+    )
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
     for name, size in result.files.items():
         typer.echo(f"  {name:28s} {_size(size):>10s}")

@@ -12,7 +12,7 @@ import typer
 
 from parscale_export.bundle import read_manifest
 from parscale_export.errors import OutputError, ValidationFailed
-from parscale_export.validate import DEFAULT_THRESHOLDS, Report, Settings, run_validation
+from parscale_export.validate import Report, Settings, default_thresholds, run_validation
 
 
 class Provider(StrEnum):
@@ -54,7 +54,7 @@ def validate_command(
         parscale-export validate ./bundle --provider cuda --report report.json
     """
     manifest = read_manifest(bundle)
-    limits = DEFAULT_THRESHOLDS[manifest.dtype]
+    limits = default_thresholds(manifest)
     overrides = {"max_abs": atol, "min_top1": min_top1, "min_cosine": min_cosine}
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     settings = Settings(batch=batch, prompt_length=prompt_length, decode_steps=decode_steps, seed=seed)
@@ -75,7 +75,8 @@ def validate_command(
         reasons += [f"contract: {c}" for c in result.contract_problems]
         typer.echo(f"FAIL on {where}")
         raise ValidationFailed("validation failed: " + " | ".join(reasons))
-    typer.echo(f"PASS on {where}: the bundle matches the PyTorch reference ({result.dtype} thresholds)")
+    kind = result.quantization or result.dtype
+    typer.echo(f"PASS on {where}: the bundle matches the PyTorch reference ({kind} thresholds)")
 
 
 def _print_table(report: Report) -> None:
@@ -85,12 +86,12 @@ def _print_table(report: Report) -> None:
         f"thresholds: max|err| <= {t.max_abs:g}{scale}, cosine >= {t.min_cosine:g}, top-1 >= {t.min_top1:g}, "
         f"greedy must match: {'yes' if t.greedy_must_match else 'no'}"
     )
-    columns = ("positions", 9), ("max|err|", 10), ("mean|err|", 10), ("min cos", 9), ("top-1", 6), ("greedy", 6)
+    columns = ("positions", 9), ("max|err|", 10), ("mean|err|", 10), ("min cos", 9), ("top-1", 6), ("greedy", 9)
     typer.echo(f"{'phase':16s} " + " ".join(f"{name:>{width}s}" for name, width in columns) + "  result")
     for p in report.phases:
-        greedy = {None: "-", True: "same", False: "DIFF"}[p.greedy_match]
+        greedy = {None: "-", True: "same", False: f"DIFF@{p.greedy_agreeing_steps}"}[p.greedy_match]
         typer.echo(
             f"{p.name:16s} {p.positions:9d} {p.max_abs:10.2e} {p.mean_abs:10.2e} {p.min_cosine:9.6f} "
-            f"{p.top1:6.3f} {greedy:>6s}  {'ok' if p.passed else 'FAIL'}"
+            f"{p.top1:6.3f} {greedy:>9s}  {'ok' if p.passed else 'FAIL'}"
         )
     typer.echo(f"contract: {'ok' if not report.contract_problems else '; '.join(report.contract_problems)}")

@@ -53,6 +53,12 @@ class Manifest:
         return self.contract.dtype
 
     @property
+    def quantization(self) -> str | None:
+        """ "int8" or "int4" for a quantized bundle, else None."""
+        described = self.raw.get("quantization")
+        return described.get("scheme") if isinstance(described, dict) else None
+
+    @property
     def eos_ids(self) -> list[int]:
         return self.raw.get("tokens", {}).get("eos_token_id", [])
 

@@ -36,6 +36,7 @@ from .environment import package_versions
 from .errors import BundleError, OutputError
 from .genai import GENAI_CONFIG, genai_config
 from .model import ParScaleForCausalLM, build_model
+from .quantize import BITS, quantize_in_place
 
 OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -96,16 +97,20 @@ def convert(
     dtype: str = "fp32",
     force: bool = False,
     genai: bool = False,
+    quantize: str | None = None,
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses.
 
     `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds genai_config.json,
-    so that onnxruntime-genai loads the bundle as it is."""
+    so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or "int4") turns
+    the linear layers' weights into MatMulNBits blocks after export."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+    if quantize is not None and quantize not in BITS:
+        raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
     _check_target(out_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")
@@ -130,6 +135,10 @@ def convert(
     with _staging_dir(out_dir) as staging:
         log(f"tracing and exporting to ONNX (opset {OPSET}, {dtype})")
         _export_onnx(model, contract, staging / MODEL_FILE)
+        quantization = None
+        if quantize:
+            log(f"quantizing linear weights to {quantize} (MatMulNBits)")
+            quantization = quantize_in_place(staging / MODEL_FILE, quantize)
         log("checking the ONNX model")
         try:
             onnx.checker.check_model(str(staging / MODEL_FILE))
@@ -140,6 +149,7 @@ def convert(
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
         manifest = _manifest(config, contract, dtype, checkpoint_dir, digest, tokens)
+        manifest["quantization"] = quantization
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if genai:
             (staging / GENAI_CONFIG).write_text(json.dumps(genai_settings, indent=2) + "\n", encoding="utf-8")

@@ -25,7 +25,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("official_dir", help="folder holding the package parscale_official/ with the two official files")
+    parser.add_argument("official_dir", help="folder holding parscale_official/ (the two official files)")
     parser.add_argument("checkpoint")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=64)

@@ -1,0 +1,74 @@
+"""convert --quantize: MatMulNBits weights, drift reported by validate with quantized thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY
+from parscale_export.cli.main import main
+from safetensors.torch import save_file
+
+from parscale_export.checkpoint import load_weights
+from parscale_export.config import load_config
+from parscale_export.quantize import BLOCK_SIZE
+from parscale_export.synthetic import parscale_config, write_checkpoint
+
+LINEAR_SUFFIXES = ("proj.weight", "lm_head.weight", "aggregate_layer.0.weight", "aggregate_layer.2.weight")
+
+
+def snap_to_grid(weight: torch.Tensor, bits: int, gen: torch.Generator) -> torch.Tensor:
+    """Weights ONNX Runtime's symmetric blockwise quantizer represents exactly: each block of 32
+    along the input dimension is integers times one scale, led by the most negative integer
+    (which fixes the scale the quantizer picks)."""
+    low = -(2 ** (bits - 1))
+    out_dim, in_dim = weight.shape
+    ints = torch.randint(low + 1, -low, (out_dim, in_dim // BLOCK_SIZE, BLOCK_SIZE), generator=gen).float()
+    ints[:, :, 0] = low
+    scales = 0.5 / in_dim**0.5 * (1 + torch.rand(out_dim, in_dim // BLOCK_SIZE, 1, generator=gen))
+    return (ints * scales).reshape(out_dim, in_dim) * (2.0 / -low)
+
+
+@pytest.fixture(scope="module")
+def grid_checkpoint(tmp_path_factory):
+    raw = parscale_config(hidden_size=64, intermediate_size=128, parscale_n=2, parscale_n_tokens=4, vocab_size=96)
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("grid") / "ckpt", raw, seed=3)
+    weights = load_weights(ckpt, load_config(ckpt))
+    gen = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if name.endswith(LINEAR_SUFFIXES) and tensor.shape[1] % BLOCK_SIZE == 0:
+            weights[name] = snap_to_grid(tensor, 4, gen)
+    save_file(weights, ckpt / "model.safetensors")
+    return ckpt
+
+
+def convert_and_validate(ckpt, scheme: str, tmp_path, extra=()) -> tuple[int, dict, dict]:
+    out = tmp_path / f"bundle-{scheme}"
+    assert main(["convert", str(ckpt), "-o", str(out), "--quantize", scheme]) == 0
+    report = tmp_path / f"report-{scheme}.json"
+    code = main(["validate", str(out), "--provider", "cpu", "--report", str(report), *extra])
+    return code, json.loads(report.read_text()), json.loads((out / "manifest.json").read_text())
+
+
+def test_int4_on_representable_weights_passes(grid_checkpoint, tmp_path) -> None:
+    code, report, manifest = convert_and_validate(grid_checkpoint, "int4", tmp_path)
+    assert code == 0, report
+    assert report["quantization"] == "int4" and report["thresholds"]["min_top1"] == 0.8
+    quantization = manifest["quantization"]
+    assert quantization["bits"] == 4 and quantization["op"] == "MatMulNBits"
+    assert quantization["quantized_matmuls"] == 2 * 7 + 1 + 2  # per layer q k v o gate up down, head, aggregation
+
+
+def test_int8_on_random_weights_passes(tmp_path) -> None:
+    code, report, _ = convert_and_validate(TINY, "int8", tmp_path)
+    assert code == 0, report
+    assert all(p["min_cosine"] > 0.999 for p in report["phases"])
+
+
+def test_int4_drift_on_random_weights_is_reported_and_fails(tmp_path, capsys) -> None:
+    code, report, _ = convert_and_validate(TINY, "int4", tmp_path)
+    assert code == 1
+    decode = next(p for p in report["phases"] if p["name"] == "decode")
+    assert decode["greedy_agreeing_steps"] is not None and 0 < decode["min_cosine"] < 0.999
+    assert "top-1" in capsys.readouterr().out
