@@ -13,15 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .tensorfile import TensorFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Buffers some checkpoints carry that the model recomputes; harmless to skip.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -109,22 +108,19 @@ def _read_index(index_path: Path) -> dict[str, Path]:
 
 
 def _tensor_names(path: Path) -> list[str]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return TensorFile(path).names()
 
 
 def load_weights(
     checkpoint_dir: Path,
     config: ModelConfig,
     on_tensor: Callable[[int, int], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Load and check every expected tensor, upcast to float32.
+    """Load and check every expected tensor, converted to `dtype` one tensor at a time.
 
     Raises CheckpointError for a missing, unexpected, mis-shaped, wrongly typed or non-finite
-    tensor, naming it. `on_tensor(done, total)` reports progress.
+    tensor (or one that overflows `dtype`), naming it. `on_tensor(done, total)` reports progress.
     """
     files = weight_files(checkpoint_dir)
     expected = expected_shapes(config)
@@ -148,28 +144,25 @@ def load_weights(
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for path, file_names in by_file.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in file_names:
-                    weights[name] = _checked(path, name, f.get_tensor(name), expected[name])
-                    if on_tensor:
-                        on_tensor(len(weights), len(expected))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read tensor data ({exc}); is the file truncated?") from None
+        tensors = TensorFile(path)
+        for name in file_names:
+            weights[name] = _checked(path, name, tensors.read(name), expected[name], dtype)
+            if on_tensor:
+                on_tensor(len(weights), len(expected))
     return weights
 
 
-def _checked(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _checked(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if tuple(tensor.shape) != shape:
         raise CheckpointError(
             f"{path}: tensor {name!r} has shape {list(tensor.shape)}, the config implies {list(shape)}"
         )
-    if tensor.dtype not in LOADABLE_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; expected a float type")
-    tensor = tensor.float()
     if not torch.isfinite(tensor).all():
         raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
-    return tensor
+    converted = tensor.to(dtype)
+    if not torch.isfinite(converted).all():
+        raise CheckpointError(f"{path}: tensor {name!r} holds values too large for {dtype}")
+    return converted
 
 
 def files_hint(files: dict[str, Path], checkpoint_dir: Path) -> Path:

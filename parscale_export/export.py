@@ -121,7 +121,7 @@ def convert(
     )
     log("loading weights")
     report = _every_quarter(lambda done, total: log(f"  {done}/{total} tensors"))
-    weights = load_weights(checkpoint_dir, config, on_tensor=report)
+    weights = load_weights(checkpoint_dir, config, on_tensor=report, dtype=EXPORT_DTYPES[dtype])
     digest = weights_digest(checkpoint_dir)
     model = build_model(config, weights, EXPORT_DTYPES[dtype])
     del weights

@@ -56,8 +56,11 @@ def parscale_config(
     }
 
 
-def random_weights(raw_config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    """float32 tensors for every name the config implies, from a seeded generator."""
+def random_weights(
+    raw_config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Tensors for every name the config implies, drawn in float32 from a seeded generator and
+    cast one at a time (a 1.8B model never exists in float32 all at once)."""
     config = parse_config(raw_config)
     gen = torch.Generator().manual_seed(seed)
     weights = {}
@@ -70,7 +73,7 @@ def random_weights(raw_config: dict[str, Any], seed: int = 0) -> dict[str, torch
             tensor = 0.1 * torch.randn(shape, generator=gen)
         else:
             tensor = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-        weights[name] = tensor
+        weights[name] = tensor.to(dtype).contiguous()
     return weights
 
 
@@ -86,7 +89,7 @@ def write_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[raw_config.get("torch_dtype", "float32")]
-    weights = {k: v.to(dtype).contiguous() for k, v in random_weights(raw_config, seed).items()}
+    weights = random_weights(raw_config, seed, dtype)
     (directory / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     gen = generation_config if generation_config is not None else {"eos_token_id": raw_config["vocab_size"] - 1}
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

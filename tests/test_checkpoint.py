@@ -126,3 +126,29 @@ def test_digest_tracks_the_bytes(ckpt) -> None:
     before = weights_digest(ckpt)
     rewrite(ckpt, lambda t: t["model.norm.weight"].mul_(2))
     assert weights_digest(ckpt) != before
+
+
+def test_integer_tensor_is_refused_by_name(ckpt) -> None:
+    rewrite(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
+    with pytest.raises(CheckpointError, match=re.escape("'model.norm.weight' has dtype I64")):
+        load(ckpt)
+
+
+def test_header_length_beyond_the_file(ckpt) -> None:
+    path = ckpt / "model.safetensors"
+    path.write_bytes((10**9).to_bytes(8, "little") + path.read_bytes()[8:])
+    with pytest.raises(CheckpointError, match="header length 1000000000 exceeds the file"):
+        load(ckpt)
+
+
+def test_fp16_overflow_is_named(ckpt) -> None:
+    rewrite(ckpt, lambda t: t["model.norm.weight"].__setitem__(0, 1e6))
+    with pytest.raises(CheckpointError, match=re.escape("too large for torch.float16")):
+        load_weights(ckpt, load_config(ckpt), dtype=torch.float16)
+
+
+def test_reads_without_mmap_match_the_library(ckpt) -> None:
+    reference = load_file(ckpt / "model.safetensors")
+    ours = load(ckpt)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, reference[name].float(), rtol=0, atol=0)
