@@ -8,13 +8,13 @@ A bundle is:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .contract import Contract
 from .errors import BundleError
+from .jsonfile import read_json_object
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -76,11 +76,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     path = bundle_dir / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(f"{path}: missing; is {bundle_dir} a parscale-export bundle?")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: malformed manifest ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("contract"), dict):
+    raw = read_json_object(path, BundleError)
+    if raw.get("format") != FORMAT or not isinstance(raw.get("contract"), dict):
         raise BundleError(f"{path}: not a parscale-export manifest")
     try:
         contract = Contract.from_dict(raw["contract"])

@@ -8,7 +8,6 @@ Every check names the tensor or file at fault. The expected names and shapes are
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .jsonfile import read_json_object
 from .tensorfile import TensorFile
 
 SINGLE_FILE = "model.safetensors"
@@ -82,12 +82,9 @@ def weight_files(checkpoint_dir: Path) -> dict[str, Path]:
 
 def _read_index(index_path: Path) -> dict[str, Path]:
     root = index_path.parent.resolve()
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: malformed index ({exc})") from None
+    weight_map = read_json_object(index_path, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: malformed index (no weight_map object)")
     files: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:

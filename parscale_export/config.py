@@ -6,13 +6,13 @@ names or paths. A plain Qwen2 checkpoint (`model_type: qwen2`) is the P=1 case.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .jsonfile import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("qwen2_parscale", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -57,12 +57,7 @@ def load_config(checkpoint_dir: Path) -> ModelConfig:
         raise ConfigError(f"{checkpoint_dir}: checkpoint directory does not exist")
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the checkpoint directory")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    raw = read_json_object(path, ConfigError)
     try:
         return parse_config(raw)
     except ConfigError as exc:
@@ -199,12 +194,9 @@ def special_tokens(checkpoint_dir: Path) -> dict[str, list[int]]:
         path = Path(checkpoint_dir) / name
         if not path.is_file():
             continue
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        raw = read_json_object(path, ConfigError)
         for key in found:
-            value = raw.get(key) if isinstance(raw, dict) else None
+            value = raw.get(key)
             ids = value if isinstance(value, list) else [value]
             ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
             if ids:

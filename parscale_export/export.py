@@ -7,6 +7,7 @@ when everything succeeded, so a failure or Ctrl-C never leaves a half-written bu
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -134,7 +135,9 @@ def convert(
 
     with _staging_dir(out_dir) as staging:
         log(f"tracing and exporting to ONNX (opset {OPSET}, {dtype})")
-        _export_onnx(model, contract, staging / MODEL_FILE)
+        _export_onnx(model, contract, staging / MODEL_FILE, log)
+        del model  # the weights now live in model.onnx.data; free them before quantizing reloads it
+        gc.collect()
         quantization = None
         if quantize:
             log(f"quantizing linear weights to {quantize} (MatMulNBits)")
@@ -158,7 +161,7 @@ def convert(
     return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=config)
 
 
-def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path) -> None:
+def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, log: Log) -> None:
     """Trace with example sizes >= 2 and write model.onnx + model.onnx.data."""
     c = model.config
     batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
@@ -181,7 +184,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path) -> 
         "position_ids": {0: b, 1: s},
         "past": tuple({0: rows, 2: p} for _ in cache),
     }
-    with _quiet_exporter():
+    with _quiet_exporter(log):
         program = torch.onnx.export(
             ExportGraph(model, heads_layout=contract.cache_layout == "heads").eval(),
             args,
@@ -191,6 +194,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path) -> 
             input_names=contract.input_names(),
             output_names=contract.output_names(),
         )
+        log("  writing model.onnx and its external data")
         program.save(str(path), external_data=True)
     _strip_node_metadata(path)
     if not (path.parent / DATA_FILE).is_file():
@@ -288,15 +292,33 @@ def _every_quarter(report: Callable[[int, int], None]) -> Callable[[int, int], N
     return on_tensor
 
 
+class _StepRelay(io.TextIOBase):
+    """Turns the exporter's own step lines ("[torch.onnx] Run decompositions...") into our
+    progress log, so a minutes-long export of a large model does not look hung."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text  # print() arrives in pieces: gather whole lines
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.startswith("[torch.onnx]") and not line.rstrip().endswith("✅"):
+                self.log("  " + line.removeprefix("[torch.onnx] ").rstrip(". "))
+        return len(text)
+
+
 @contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter warns about things that do not concern our graph (torchvision, axis renames)."""
+def _quiet_exporter(log: Log) -> Iterator[None]:
+    """The exporter warns about things that do not concern our graph (torchvision, axis renames);
+    its step lines become progress."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), redirect_stdout(_StepRelay(log)):
             warnings.simplefilter("ignore")
             yield
     finally:
