@@ -112,7 +112,7 @@ def convert(
         raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
     if quantize is not None and quantize not in BITS:
         raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
-    _check_target(out_dir, force)
+    _check_target(out_dir, checkpoint_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")
     config = load_config(checkpoint_dir)
@@ -242,7 +242,10 @@ def _manifest(
     }
 
 
-def _check_target(out_dir: Path, force: bool) -> None:
+def _check_target(out_dir: Path, checkpoint_dir: Path, force: bool) -> None:
+    target, source = out_dir.resolve(), checkpoint_dir.resolve()
+    if target == source or target in source.parents:
+        raise OutputError(f"{out_dir}: is or contains the checkpoint {checkpoint_dir}; choose another output")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -278,7 +281,11 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
         out_dir.rename(old)
-        staging.rename(out_dir)
+        try:
+            staging.rename(out_dir)
+        except BaseException:  # even Ctrl-C here: put the old bundle back
+            old.rename(out_dir)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out_dir)

@@ -97,3 +97,12 @@ def test_debug_shows_the_traceback(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("args", [["convert"], ["convert", str(TINY), "-o", "x", "--dtype", "bf16"], ["nope"]])
 def test_usage_errors_exit_2(args, capsys) -> None:
     assert main(args) == 2
+
+
+def test_output_that_is_or_holds_the_checkpoint_is_refused(tmp_path, capsys) -> None:
+    ckpt = tmp_path / "models" / "ckpt"
+    shutil.copytree(TINY, ckpt)
+    for out in (ckpt, tmp_path / "models"):
+        assert main(["convert", str(ckpt), "-o", str(out), "--force"]) == 2
+        assert "contains the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in TINY.iterdir())
