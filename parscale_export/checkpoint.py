@@ -127,7 +127,7 @@ def load_weights(
     missing = sorted(set(expected) - names)
     if missing:
         raise CheckpointError(
-            f"{files_hint(files, checkpoint_dir)}: missing tensor {missing[0]!r}"
+            f"{_missing_hint(files, checkpoint_dir)}: missing tensor {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     unexpected = sorted(names - set(expected))
@@ -162,7 +162,7 @@ def _checked(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...]
     return converted
 
 
-def files_hint(files: dict[str, Path], checkpoint_dir: Path) -> Path:
+def _missing_hint(files: dict[str, Path], checkpoint_dir: Path) -> Path:
     """The file to name when a tensor is absent: the index if there is one, else the directory."""
     index = Path(checkpoint_dir) / INDEX_FILE
     return index if index.is_file() else Path(checkpoint_dir) / SINGLE_FILE

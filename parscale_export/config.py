@@ -46,9 +46,6 @@ class ModelConfig:
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
 
 def load_config(checkpoint_dir: Path) -> ModelConfig:
     """Read and validate `checkpoint_dir/config.json`; every problem is a ConfigError naming the file."""

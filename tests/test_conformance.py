@@ -89,3 +89,20 @@ def test_onnx_outputs_follow_the_contract(name: str, bundle) -> None:
     # The present extends the past: its first `seq` positions are the past, unchanged.
     for old, new in zip(present, present2, strict=True):
         np.testing.assert_array_equal(new[:, :, :seq], old)
+
+
+@pytest.mark.parametrize("name", CONFORMANCE_NAMES)
+def test_graph_inputs_and_outputs_are_declared_as_the_contract_says(name: str, bundle) -> None:
+    runtime = Runtime(bundle(CONFORMANCE / name))
+    onnx_types = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
+    declared = runtime.session.get_inputs(), runtime.session.get_outputs()
+    specs = runtime.contract.input_spec(), runtime.contract.output_spec()
+    for values, spec in zip(declared, specs, strict=True):
+        assert [v.name for v in values] == list(spec)
+        for value in values:
+            dtype, shape = spec[value.name]
+            assert onnx_types[value.type] == dtype, value.name
+            assert len(value.shape) == len(shape), value.name
+            for got, want in zip(value.shape, shape, strict=True):
+                # static axes carry their size; dynamic ones a symbolic name
+                assert got == want if isinstance(want, int) else isinstance(got, str), (value.name, value.shape)
