@@ -28,6 +28,8 @@ from .errors import BundleError
 CONTRACT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
 CACHE_LAYOUTS = ("rows", "heads")
+# ONNX Runtime's type strings, as sessions and OrtValues report them, to our dtype names.
+ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
 # Symbolic axis names, as written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL, ROWS = "batch", "sequence", "past_sequence", "total_sequence", "cache_rows"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import CONFORMANCE, CONFORMANCE_NAMES, official
 
+from parscale_export.contract import ORT_TYPES
 from parscale_export.reference import Reference
 from parscale_export.runtime import Runtime
 from parscale_export.stepping import Stepper
@@ -94,14 +95,13 @@ def test_onnx_outputs_follow_the_contract(name: str, bundle) -> None:
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
 def test_graph_inputs_and_outputs_are_declared_as_the_contract_says(name: str, bundle) -> None:
     runtime = Runtime(bundle(CONFORMANCE / name))
-    onnx_types = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
     declared = runtime.session.get_inputs(), runtime.session.get_outputs()
     specs = runtime.contract.input_spec(), runtime.contract.output_spec()
     for values, spec in zip(declared, specs, strict=True):
         assert [v.name for v in values] == list(spec)
         for value in values:
             dtype, shape = spec[value.name]
-            assert onnx_types[value.type] == dtype, value.name
+            assert ORT_TYPES[value.type] == dtype, value.name
             assert len(value.shape) == len(shape), value.name
             for got, want in zip(value.shape, shape, strict=True):
                 # static axes carry their size; dynamic ones a symbolic name

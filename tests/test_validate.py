@@ -102,3 +102,13 @@ def test_not_a_bundle(tmp_path, capsys) -> None:
 @pytest.mark.cuda
 def test_fp16_bundle_passes_on_cuda(bundle) -> None:
     assert main(["validate", str(bundle(TINY, "fp16")), "--provider", "cuda"]) == 0
+
+
+def test_device_values_are_described_without_copying() -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from parscale_export.validate import _Described
+
+    value = _Described(ort.OrtValue.ortvalue_from_numpy(np.zeros((8, 2, 5, 16), np.float16)))
+    assert value.shape == (8, 2, 5, 16) and value.dtype == np.float16
