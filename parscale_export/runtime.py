@@ -6,6 +6,8 @@ Imports no torch: a deployment needs only onnxruntime and numpy.
 from __future__ import annotations
 
 import functools
+import io
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,9 @@ def _probe_cuda() -> bool:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, where installed
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            ort.preload_dlls()
     ort.set_default_logger_severity(4)  # a failure to load CUDA is the answer here, not an error to print
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=[PROVIDER_NAMES["cuda"]])
