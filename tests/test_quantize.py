@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import CONFORMANCE, TINY
 from parscale_export.cli.main import main
 from safetensors.torch import save_file
 
@@ -72,3 +73,36 @@ def test_int4_drift_on_random_weights_is_reported_and_fails(tmp_path, capsys) ->
     decode = next(p for p in report["phases"] if p["name"] == "decode")
     assert decode["greedy_agreeing_steps"] is not None and 0 < decode["min_cosine"] < 0.999
     assert "top-1" in capsys.readouterr().out
+
+
+def test_streaming_quantizer_equals_onnxruntimes(bundle, tmp_path) -> None:
+    """Same kernels, same layout: our weight-by-weight rewrite gives bitwise the logits of
+    ONNX Runtime's MatMulNBitsQuantizer (which loads the whole graph)."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from parscale_export.quantize import quantize_in_place
+    from parscale_export.runtime import Runtime
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder in (ours, theirs):
+        shutil.copytree(bundle(TINY), folder)
+    quantize_in_place(ours / "model.onnx", "int4")
+    settings = dict(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=4)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(theirs / "model.onnx")), **settings, algo_config=DefaultWeightOnlyQuantConfig(**settings)
+    )
+    quantizer.process()
+    (theirs / "model.onnx.data").unlink()
+    quantizer.model.save_model_to_file(str(theirs / "model.onnx"), use_external_data_format=True)
+    ids, mask = np.array([[5, 17, 42, 8, 99], [0, 0, 3, 4, 5]]), np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(Runtime(ours).prefill(ids, mask)[0], Runtime(theirs).prefill(ids, mask)[0])
+
+
+def test_tied_head_is_quantized_too(tmp_path) -> None:
+    """A head tied to the embedding reaches MatMul through a Transpose; it is the largest
+    matrix, so it is quantized as well (the embedding's Gather keeps the float table)."""
+    code, report, manifest = convert_and_validate(CONFORMANCE / "p4_mha_tied_nosmooth", "int8", tmp_path)
+    assert code == 0, report
+    assert manifest["quantization"]["quantized_matmuls"] == 2 * 7 + 1 + 2
