@@ -26,6 +26,7 @@ BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 ALIGN = 64  # byte alignment of each tensor in the data file
+CHUNK_BYTES = 64 << 20  # float32 weight columns quantized per step
 MS_DOMAIN = "com.microsoft"
 
 
@@ -57,14 +58,7 @@ def quantize_in_place(model_path: Path, scheme: str) -> dict:
     packed_names: dict[str, tuple[str, str, int, int]] = {}  # weight -> (packed, scales, K, N)
     with old_data.open("rb") as source, new_data.open("wb") as sink:
         for weight, (tensor, transposed) in targets.items():
-            array = _read(tensor, source)
-            array = np.ascontiguousarray(array.T if transposed else array, dtype=np.float32)  # [K, N]
-            packed, scales = _pack(array, bits)
-            k, n = array.shape
-            packed_t = _write(f"{weight}_Q{bits}", packed, sink)
-            scales_t = _write(
-                f"{weight}_scales", scales.astype(helper.tensor_dtype_to_np_dtype(tensor.data_type)), sink
-            )
+            packed_t, scales_t, k, n = _quantize_weight(weight, tensor, transposed, bits, source, sink)
             new_initializers += [packed_t, scales_t]
             packed_names[weight] = (packed_t.name, scales_t.name, k, n)
         still_used = {name for node in graph.node if node.op_type != "MatMul" or node.input[1] not in targets
@@ -100,9 +94,43 @@ def _is_2d_transpose(node: onnx.NodeProto) -> bool:
     return node.op_type == "Transpose" and perm in (None, [1, 0])
 
 
+def _quantize_weight(
+    weight: str, tensor: TensorProto, transposed: bool, bits: int, source, sink
+) -> tuple[TensorProto, TensorProto, int, int]:
+    """Pack one weight into the new data file, CHUNK_BYTES of float32 at a time: a 151936 x 2048
+    head is 1.2 GB in float32, and only a slice of it ever needs to be in memory."""
+    if transposed:  # the stored tensor is [N, K]: rows are the output columns, contiguous on disk
+        n, k = tensor.dims
+
+        def columns(start: int, stop: int) -> np.ndarray:
+            return _read(tensor, source, start, stop).T
+    else:  # [K, N]: weights of this shape are small enough to read whole, then slice
+        k, n = tensor.dims
+        whole = _read(tensor, source)
+
+        def columns(start: int, stop: int) -> np.ndarray:
+            return whole[:, start:stop]
+
+    step = max(1, CHUNK_BYTES // (4 * k))
+    offset = _align(sink)
+    scales = []
+    for start in range(0, n, step):
+        packed, chunk_scales = _pack(np.ascontiguousarray(columns(start, min(n, start + step)), dtype=np.float32), bits)
+        sink.write(packed.tobytes())
+        scales.append(chunk_scales)
+    blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
+    packed_t = TensorProto(
+        name=f"{weight}_Q{bits}", data_type=TensorProto.UINT8, dims=(n, blocks, BLOCK_SIZE * bits // 8)
+    )
+    _point(packed_t, offset, sink.tell() - offset)
+    scale_dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)  # fp16 graphs need fp16 scales
+    scales_t = _write(f"{weight}_scales", np.concatenate(scales).astype(scale_dtype), sink)
+    return packed_t, scales_t, k, n
+
+
 def _pack(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric blockwise quantization of [K, N] along K, in MatMulNBits' layout:
-    packed [N, K/32, 32*bits/8] uint8 and scales [N, K/32]."""
+    packed [N, K/32, 32*bits/8] uint8 and scales [N, K/32]. Columns are independent."""
     k, n = weight.shape
     blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
     if blocks * BLOCK_SIZE != k:
@@ -119,33 +147,43 @@ def _external(tensor: TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _read(tensor: TensorProto, source) -> np.ndarray:
-    """A tensor's values, from the external data file or from the proto itself."""
+def _read(tensor: TensorProto, source, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows start:stop of a tensor (all by default), from the external data file or the proto."""
     if tensor.data_location != TensorProto.EXTERNAL:
-        return onnx.numpy_helper.to_array(tensor)
-    info = _external(tensor)
-    source.seek(int(info.get("offset", 0)))
-    raw = source.read(int(info["length"]))
-    return np.frombuffer(raw, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
+        return onnx.numpy_helper.to_array(tensor)[start:stop]
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    rows, *rest = tensor.dims
+    stop = rows if stop is None else stop
+    row_bytes = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+    source.seek(int(_external(tensor).get("offset", 0)) + start * row_bytes)
+    raw = source.read((stop - start) * row_bytes)
+    return np.frombuffer(raw, dtype=dtype).reshape(stop - start, *rest)
 
 
-def _place(tensor: TensorProto, payload: bytes, sink) -> TensorProto:
-    """Append `payload` to the new data file (aligned) and point `tensor` at it."""
+def _align(sink) -> int:
+    """Pad the data file to the next ALIGN boundary and return that offset."""
     sink.seek(0, 2)
     offset = (sink.tell() + ALIGN - 1) // ALIGN * ALIGN
     sink.write(b"\0" * (offset - sink.tell()))
-    sink.write(payload)
+    return offset
+
+
+def _point(tensor: TensorProto, offset: int, length: int) -> TensorProto:
+    """Make `tensor` refer to bytes offset..offset+length of the new data file."""
     tensor.ClearField("raw_data")
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(payload)))):
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=key, value=value)
     return tensor
 
 
 def _write(name: str, array: np.ndarray, sink) -> TensorProto:
     tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-    return _place(tensor, np.ascontiguousarray(array).tobytes(), sink)
+    payload = np.ascontiguousarray(array).tobytes()
+    offset = _align(sink)
+    sink.write(payload)
+    return _point(tensor, offset, len(payload))
 
 
 def _copy(tensor: TensorProto, source, sink) -> TensorProto:
@@ -154,4 +192,7 @@ def _copy(tensor: TensorProto, source, sink) -> TensorProto:
         return tensor
     info = _external(tensor)
     source.seek(int(info.get("offset", 0)))
-    return _place(tensor, source.read(int(info["length"])), sink)
+    payload = source.read(int(info["length"]))
+    offset = _align(sink)
+    sink.write(payload)
+    return _point(tensor, offset, len(payload))

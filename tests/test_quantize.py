@@ -106,3 +106,17 @@ def test_tied_head_is_quantized_too(tmp_path) -> None:
     code, report, manifest = convert_and_validate(CONFORMANCE / "p4_mha_tied_nosmooth", "int8", tmp_path)
     assert code == 0, report
     assert manifest["quantization"]["quantized_matmuls"] == 2 * 7 + 1 + 2
+
+
+@pytest.mark.parametrize("checkpoint", [TINY, CONFORMANCE / "p4_mha_tied_nosmooth"], ids=["untied", "tied"])
+def test_quantizing_in_small_chunks_changes_no_byte(checkpoint, bundle, tmp_path, monkeypatch) -> None:
+    import parscale_export.quantize as quantize
+
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    for folder in (whole, chunked):
+        shutil.copytree(bundle(checkpoint), folder)
+    quantize.quantize_in_place(whole / "model.onnx", "int4")
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 4 * 48 * 3)  # a few columns per step
+    quantize.quantize_in_place(chunked / "model.onnx", "int4")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (whole / name).read_bytes() == (chunked / name).read_bytes(), name
