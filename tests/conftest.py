@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
 from parscale_export.export import convert
 from parscale_export.runtime import cuda_available
@@ -50,3 +51,10 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleCache:
 def official(name: str) -> dict[str, np.ndarray]:
     with np.load(CONFORMANCE / name / "reference.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+def edit_weights(checkpoint: Path, change) -> None:
+    """Apply `change(tensors)` to a single-file checkpoint's weights, in place."""
+    tensors = load_file(checkpoint / "model.safetensors")
+    change(tensors)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})

@@ -12,9 +12,8 @@ import sys
 import time
 
 import pytest
-from conftest import TINY
+from conftest import TINY, edit_weights
 from parscale_export.cli.main import main
-from safetensors.torch import load_file, save_file
 
 import parscale_export.export as export_module
 from parscale_export.synthetic import parscale_config, write_checkpoint
@@ -23,12 +22,6 @@ from parscale_export.synthetic import parscale_config, write_checkpoint
 def edit_config(ckpt, **changes) -> None:
     raw = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(raw | changes))
-
-
-def edit_weights(ckpt, change) -> None:
-    tensors = load_file(ckpt / "model.safetensors")
-    change(tensors)
-    save_file(tensors, ckpt / "model.safetensors")
 
 
 def sharded(ckpt) -> None:

@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from conftest import edit_weights
+from safetensors.torch import load_file
 
 from parscale_export.checkpoint import load_weights, weights_digest
 from parscale_export.config import load_config
@@ -18,12 +19,6 @@ from parscale_export.synthetic import parscale_config, write_checkpoint
 @pytest.fixture
 def ckpt(tmp_path):
     return write_checkpoint(tmp_path / "ckpt", parscale_config(parscale_n=2, parscale_n_tokens=3))
-
-
-def rewrite(ckpt, change) -> None:
-    tensors = load_file(ckpt / "model.safetensors")
-    change(tensors)
-    save_file(tensors, ckpt / "model.safetensors")
 
 
 def load(ckpt):
@@ -37,19 +32,19 @@ def test_loads_every_expected_tensor_as_float32(ckpt) -> None:
 
 
 def test_missing_tensor(ckpt) -> None:
-    rewrite(ckpt, lambda t: t.pop("model.norm.weight"))
+    edit_weights(ckpt, lambda t: t.pop("model.norm.weight"))
     with pytest.raises(CheckpointError, match=re.escape("missing tensor 'model.norm.weight'")):
         load(ckpt)
 
 
 def test_unexpected_tensor(ckpt) -> None:
-    rewrite(ckpt, lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+    edit_weights(ckpt, lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=re.escape("unexpected tensor 'model.extra.weight'")):
         load(ckpt)
 
 
 def test_wrong_shape(ckpt) -> None:
-    rewrite(ckpt, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 64)}))
+    edit_weights(ckpt, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 64)}))
     with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[3, 64\]"):
         load(ckpt)
 
@@ -67,7 +62,7 @@ def test_non_finite(ckpt) -> None:
     def poison(t):
         t["model.layers.0.self_attn.prefix_v"][0, 0, 0, 0] = float("nan")
 
-    rewrite(ckpt, poison)
+    edit_weights(ckpt, poison)
     with pytest.raises(CheckpointError, match=re.escape("'model.layers.0.self_attn.prefix_v' holds NaN")):
         load(ckpt)
 
@@ -124,12 +119,12 @@ def test_malformed_index(sharded) -> None:
 
 def test_digest_tracks_the_bytes(ckpt) -> None:
     before = weights_digest(ckpt)
-    rewrite(ckpt, lambda t: t["model.norm.weight"].mul_(2))
+    edit_weights(ckpt, lambda t: t["model.norm.weight"].mul_(2))
     assert weights_digest(ckpt) != before
 
 
 def test_integer_tensor_is_refused_by_name(ckpt) -> None:
-    rewrite(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
+    edit_weights(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
     with pytest.raises(CheckpointError, match=re.escape("'model.norm.weight' has dtype I64")):
         load(ckpt)
 
@@ -142,7 +137,7 @@ def test_header_length_beyond_the_file(ckpt) -> None:
 
 
 def test_fp16_overflow_is_named(ckpt) -> None:
-    rewrite(ckpt, lambda t: t["model.norm.weight"].__setitem__(0, 1e6))
+    edit_weights(ckpt, lambda t: t["model.norm.weight"].__setitem__(0, 1e6))
     with pytest.raises(CheckpointError, match=re.escape("too large for torch.float16")):
         load_weights(ckpt, load_config(ckpt), dtype=torch.float16)
 

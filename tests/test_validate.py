@@ -6,9 +6,8 @@ import json
 import shutil
 
 import pytest
-from conftest import CONFORMANCE, TINY
+from conftest import CONFORMANCE, TINY, edit_weights
 from parscale_export.cli.main import main
-from safetensors.torch import load_file, save_file
 
 from parscale_export.runtime import cuda_available
 
@@ -17,9 +16,7 @@ def drifted_copy(tmp_path, name: str, change) -> object:
     """A copy of the tiny checkpoint with one edit to its weights."""
     ckpt = tmp_path / name
     shutil.copytree(TINY, ckpt)
-    tensors = load_file(ckpt / "model.safetensors")
-    change(tensors)
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    edit_weights(ckpt, change)
     return ckpt
 
 
