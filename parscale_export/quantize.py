@@ -180,7 +180,11 @@ def _point(tensor: TensorProto, offset: int, length: int) -> TensorProto:
 
 def _write(name: str, array: np.ndarray, sink) -> TensorProto:
     tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-    payload = np.ascontiguousarray(array).tobytes()
+    return _store(tensor, np.ascontiguousarray(array).tobytes(), sink)
+
+
+def _store(tensor: TensorProto, payload: bytes, sink) -> TensorProto:
+    """Append `payload` to the new data file, aligned, and point `tensor` at it."""
     offset = _align(sink)
     sink.write(payload)
     return _point(tensor, offset, len(payload))
@@ -192,7 +196,4 @@ def _copy(tensor: TensorProto, source, sink) -> TensorProto:
         return tensor
     info = _external(tensor)
     source.seek(int(info.get("offset", 0)))
-    payload = source.read(int(info["length"]))
-    offset = _align(sink)
-    sink.write(payload)
-    return _point(tensor, offset, len(payload))
+    return _store(tensor, source.read(int(info["length"])), sink)
