@@ -151,8 +151,7 @@ def convert(
         for name in COPIED_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
-        manifest = _manifest(config, contract, dtype, checkpoint_dir, digest, tokens)
-        manifest["quantization"] = quantization
+        manifest = _manifest(config, contract, dtype, checkpoint_dir, digest, tokens, quantization)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if genai:
             (staging / GENAI_CONFIG).write_text(json.dumps(genai_settings, indent=2) + "\n", encoding="utf-8")
@@ -211,7 +210,13 @@ def _strip_node_metadata(path: Path) -> None:
 
 
 def _manifest(
-    config: ModelConfig, contract: Contract, dtype: str, checkpoint_dir: Path, digest: str, tokens: dict
+    config: ModelConfig,
+    contract: Contract,
+    dtype: str,
+    checkpoint_dir: Path,
+    digest: str,
+    tokens: dict,
+    quantization: dict | None,
 ) -> dict:
     return {
         "format": FORMAT,
@@ -231,6 +236,7 @@ def _manifest(
         "dtype": dtype,
         "opset": OPSET,
         "tokens": tokens,
+        "quantization": quantization,
         "files": {"model": MODEL_FILE, "external_data": DATA_FILE},
         "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights": digest},
         "versions": {
