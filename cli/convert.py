@@ -9,21 +9,12 @@ from typing import Annotated
 
 import typer
 
-from parscale_export.export import convert
+from parscale_export.export import EXPORT_DTYPES, convert
+from parscale_export.quantize import BITS
 
-
-class Quantization(StrEnum):
-    """The --quantize choices; parscale_export.quantize.BITS lists them."""
-
-    int8 = "int8"
-    int4 = "int4"
-
-
-class DType(StrEnum):
-    """The --dtype choices; export.EXPORT_DTYPES maps them to torch dtypes."""
-
-    fp32 = "fp32"
-    fp16 = "fp16"
+# Choices derived from the library's own tables, so the CLI cannot drift from what convert accepts.
+DType = StrEnum("DType", list(EXPORT_DTYPES))
+Quantization = StrEnum("Quantization", list(BITS))
 
 
 def convert_command(
