@@ -14,6 +14,8 @@ from parscale_export.bundle import read_manifest
 from parscale_export.errors import OutputError, ValidationFailed
 from parscale_export.validate import Report, Settings, default_thresholds, run_validation
 
+EP = "ExecutionProvider"
+
 
 class Provider(StrEnum):
     auto = "auto"
@@ -73,6 +75,7 @@ def validate_command(
     if not result.passed:
         reasons = [f"{p.name}: {'; '.join(p.failures)}" for p in result.phases if not p.passed]
         reasons += [f"contract: {c}" for c in result.contract_problems]
+        reasons += [f"placement: {c}" for c in result.placement_problems]
         typer.echo(f"FAIL on {where}")
         raise ValidationFailed("validation failed: " + " | ".join(reasons))
     kind = result.quantization or result.dtype
@@ -95,3 +98,9 @@ def _print_table(report: Report) -> None:
             f"{p.top1:6.3f} {greedy:>9s}  {'ok' if p.passed else 'FAIL'}"
         )
     typer.echo(f"contract: {'ok' if not report.contract_problems else '; '.join(report.contract_problems)}")
+    ran = ", ".join(
+        f"{op} {'+'.join(f'{n}x{p.removesuffix(EP)}' for p, n in where.items())}"
+        for op, where in report.placement.items()
+    )
+    verdict = "ok" if not report.placement_problems else "FAIL: " + "; ".join(report.placement_problems)
+    typer.echo(f"placement: {verdict} ({ran or 'no heavy nodes profiled'})")

@@ -5,8 +5,11 @@ Imports no torch: a deployment needs only onnxruntime and numpy.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
+import shutil
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import onnxruntime as ort
 
 from .bundle import Manifest, read_manifest
 from .errors import BundleError, ProviderError
+from .placement import Placement, read_placement
 from .stepping import Stepper, positions
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -50,6 +54,28 @@ def _probe_cuda() -> bool:
     return session.get_providers()[0] == PROVIDER_NAMES["cuda"]
 
 
+def cuda_unavailable_reason() -> str:
+    """Why the CUDA provider library cannot load here, in the dynamic loader's words (a missing
+    libcublasLt.so.13 or libcudnn.so.9, usually); ONNX Runtime itself only logs it and falls back."""
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        return f"this onnxruntime ({ort.__version__}) has no CUDA provider library; install onnxruntime-gpu"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return str(exc)
+    return "the CUDA provider library loads, but a CUDA session did not start (no usable GPU?)"
+
+
+def provider_list(provider: str, tf32: bool = False) -> list:
+    """The providers argument of an InferenceSession. On CUDA, TF32 is off unless asked for:
+    ONNX Runtime turns it on by default for float32 MatMul, which moves fp32 logits by ~1e-3
+    and would make an exact fp32 bundle look drifted."""
+    if provider == "cuda":
+        return [(PROVIDER_NAMES["cuda"], {"use_tf32": "1" if tf32 else "0"}), PROVIDER_NAMES["cpu"]]
+    return [PROVIDER_NAMES[provider]]
+
+
 def resolve_provider(provider: str) -> str:
     """'auto' -> 'cuda' when a CUDA session can start, else 'cpu'. 'cuda' without CUDA is an error."""
     if provider not in ("auto", *PROVIDER_NAMES):
@@ -62,15 +88,25 @@ def resolve_provider(provider: str) -> str:
         raise ProviderError(
             "CUDA requested, but ONNX Runtime cannot start its CUDA execution provider here "
             f"(available: {', '.join(ort.get_available_providers())}; needs an NVIDIA GPU, "
-            "onnxruntime-gpu, CUDA 13 and cuDNN 9)"
+            f"onnxruntime-gpu, CUDA 13 and cuDNN 9): {cuda_unavailable_reason()}"
         )
     return "cpu"
 
 
 class Runtime(Stepper):
-    """An ONNX Runtime session over one bundle."""
+    """An ONNX Runtime session over one bundle.
 
-    def __init__(self, bundle_dir: Path, provider: str = "cpu", threads: int | None = None) -> None:
+    `profile` records the session's node placement until `placement()` is called (validate
+    uses it to prove where the heavy nodes ran); `tf32` allows TF32 math on CUDA."""
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        tf32: bool = False,
+        profile: bool = False,
+    ) -> None:
         self.manifest: Manifest = read_manifest(bundle_dir)
         self.contract = self.manifest.contract
         self.provider = resolve_provider(provider)
@@ -79,10 +115,17 @@ class Runtime(Stepper):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        providers = [PROVIDER_NAMES[self.provider]] + (["CPUExecutionProvider"] if self.provider == "cuda" else [])
+        self._profile_dir = Path(tempfile.mkdtemp(prefix="parscale-profile-")) if profile else None
+        if self._profile_dir:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(self._profile_dir / "ort")
         try:
-            self.session = ort.InferenceSession(str(self.manifest.model_path), options, providers=providers)
+            self.session = ort.InferenceSession(
+                str(self.manifest.model_path), options, providers=provider_list(self.provider, tf32)
+            )
         except Exception as exc:
+            if self._profile_dir:
+                shutil.rmtree(self._profile_dir, ignore_errors=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"{self.manifest.model_path}: ONNX Runtime cannot load it ({first})") from None
         actual = self.session.get_providers()[0]
@@ -126,3 +169,14 @@ class Runtime(Stepper):
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return self.contract.empty_past(batch)
+
+    def placement(self) -> Placement:
+        """Stop profiling and say which provider ran each op type so far. Needs `profile=True`
+        and at least one call; the profile file is removed."""
+        if self._profile_dir is None:
+            raise ValueError("placement() needs a Runtime created with profile=True")
+        try:
+            return read_placement(Path(self.session.end_profiling()))
+        finally:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None

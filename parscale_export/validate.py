@@ -5,7 +5,9 @@ Both engines are driven through stepping.Stepper with identical inputs:
   decode    N steps fed with the reference's greedy tokens; greedy agreement of the bundle
   chunked   the same prompts in two chunks (sequence > 1 with past > 0)
   batch-1   the first prompt alone, prefill and decode
-Every ONNX call is also checked against the I/O contract (names, shapes, dtypes).
+Every ONNX call is also checked against the I/O contract (names, shapes, dtypes), and the
+prefill's session profile says where the heavy nodes ran: a node that ONNX Runtime quietly put
+on the CPU fails a CUDA validation.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from .config import load_config
 from .contract import ORT_TYPES
 from .environment import device_name, package_versions
 from .errors import BundleError
+from .placement import misplaced, summary
 from .reference import Reference
-from .runtime import Runtime
+from .runtime import PROVIDER_NAMES, Runtime
 from .stepping import State, Stepper
 
 
@@ -96,11 +99,13 @@ class Report:
     settings: Settings
     phases: list[PhaseResult]
     contract_problems: list[str]
+    placement: dict[str, dict[str, int]]  # heavy op type -> provider -> node runs, from the prefill's profile
+    placement_problems: list[str]  # heavy ops that ran somewhere other than the provider asked for
     versions: dict[str, str | None]
 
     @property
     def passed(self) -> bool:
-        return not self.contract_problems and all(p.passed for p in self.phases)
+        return not self.contract_problems and not self.placement_problems and all(p.passed for p in self.phases)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -232,7 +237,7 @@ def run_validation(
     _check_same_shape(manifest.raw.get("model", {}), load_config(checkpoint_dir), checkpoint_dir)
     limits = thresholds or default_thresholds(manifest)
 
-    runtime = Runtime(bundle_dir, provider=provider)
+    runtime = Runtime(bundle_dir, provider=provider, profile=True)
     log(f"ONNX Runtime provider: {runtime.provider.upper()}")
     if runtime.provider == "cpu" and provider == "auto":
         log(CPU_FALLBACK_WARNING)
@@ -247,6 +252,8 @@ def run_validation(
     log(f"prefill: batch {settings.batch}, {settings.prompt_length} tokens, left padding")
     got, bundle_state = bundle.prefill(ids, mask)
     want, ref_state = reference.prefill(ids, mask)
+    placement = runtime.placement()
+    placement_problems = misplaced(placement, PROVIDER_NAMES[runtime.provider])
     prefill = _Comparison()
     prefill.add(got, want, real)
     phases.append(prefill.result("prefill", limits))
@@ -286,6 +293,8 @@ def run_validation(
         settings=settings,
         phases=phases,
         contract_problems=bundle.problems,
+        placement=summary(placement),
+        placement_problems=placement_problems,
         versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
     )
 
