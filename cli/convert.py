@@ -28,7 +28,11 @@ def convert_command(
         Path, typer.Option("--output", "-o", help="Bundle directory to create (must be absent or empty).")
     ],
     dtype: Annotated[
-        DType, typer.Option(help="Weights and cache dtype in the graph; fp16 is meant for CUDA.")
+        DType,
+        typer.Option(
+            help="Weights and cache dtype in the graph. fp16 and bf16 are meant for CUDA; bf16 (the released "
+            "checkpoints' own dtype) runs on CUDA only: ONNX Runtime's CPU provider has no bfloat16 kernels."
+        ),
     ] = DType.fp32,
     genai: Annotated[
         bool,
@@ -80,7 +84,8 @@ def convert_command(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
         f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}"
     )
-    typer.echo(f"next: parscale-export validate {result.out_dir}")
+    cuda_only = " --provider cuda" if dtype.value == "bf16" else ""
+    typer.echo(f"next: parscale-export validate {result.out_dir}{cuda_only}")
 
 
 def _size(n: int) -> str:

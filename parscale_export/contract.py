@@ -26,10 +26,18 @@ import numpy as np
 from .errors import BundleError
 
 CONTRACT_VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16}
+# Cache dtypes: the numpy type a host-side cache uses (numpy has no bfloat16: a bf16 cache only
+# ever lives in ONNX Runtime OrtValues) and the ONNX element type that allocates one.
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
+ONNX_ELEMENT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}
 CACHE_LAYOUTS = ("rows", "heads")
 # ONNX Runtime's type strings, as sessions and OrtValues report them, to our dtype names.
-ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
+ORT_TYPES = {
+    "tensor(int64)": "int64",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+}
 
 # Symbolic axis names, as written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL, ROWS = "batch", "sequence", "past_sequence", "total_sequence", "cache_rows"
@@ -42,13 +50,19 @@ class Contract:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    dtype: str  # dtype of the cache tensors: "float32" or "float16"
+    dtype: str  # dtype of the cache tensors: "float32", "float16" or "bfloat16"
     cache_layout: str = "rows"  # "rows": [P*batch, KV, seq, D]; "heads": [batch, P*KV, seq, D] (genai)
     version: int = CONTRACT_VERSION
 
     @property
     def np_dtype(self) -> type[np.floating]:
+        if DTYPES[self.dtype] is None:
+            raise BundleError(f"a {self.dtype} cache has no numpy type; it lives on the device only")
         return DTYPES[self.dtype]
+
+    @property
+    def onnx_element_type(self) -> int:
+        return ONNX_ELEMENT_TYPES[self.dtype]
 
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
@@ -97,7 +111,7 @@ class Contract:
             got = outputs[name]
             if got.shape != want:
                 problems.append(f"output {name!r} has shape {list(got.shape)}, the contract says {list(want)}")
-            if got.dtype != np.dtype(dtype):
+            if str(got.dtype) != dtype:  # numpy dtypes and device-side descriptions both print their name
                 problems.append(f"output {name!r} has dtype {got.dtype}, the contract says {dtype}")
         return problems
 

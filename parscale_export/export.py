@@ -34,13 +34,14 @@ from .checkpoint import load_weights, weights_digest
 from .config import ModelConfig, load_config, special_tokens
 from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
 from .environment import package_versions
-from .errors import BundleError, OutputError
+from .errors import BundleError, OutputError, UsageError
 from .genai import GENAI_CONFIG, genai_config
 from .model import ParScaleForCausalLM, build_model
 from .quantize import BITS, quantize_in_place
 
 OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Example sizes for tracing: all >= 2, so the exporter specialises no dynamic axis to 0 or 1.
 TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
 
@@ -88,7 +89,7 @@ def contract_for(config: ModelConfig, dtype: str, genai: bool = False) -> Contra
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
-        dtype="float16" if dtype == "fp16" else "float32",
+        dtype=CACHE_DTYPES[dtype],
     )
 
 
@@ -112,6 +113,11 @@ def convert(
         raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
     if quantize is not None and quantize not in BITS:
         raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
+    if dtype == "bf16" and (quantize or genai):
+        raise UsageError(
+            "--dtype bf16 goes with neither --quantize nor --genai yet: neither path has been run on a "
+            "GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16 or fp32"
+        )
     _check_target(out_dir, checkpoint_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")

@@ -110,6 +110,11 @@ class Runtime(Stepper):
         self.manifest: Manifest = read_manifest(bundle_dir)
         self.contract = self.manifest.contract
         self.provider = resolve_provider(provider)
+        if self.contract.dtype == "bfloat16" and self.provider != "cuda":
+            raise ProviderError(
+                f"{bundle_dir}: a bfloat16 bundle runs on CUDA only; ONNX Runtime's CPU provider has no "
+                "bfloat16 kernels (MatMul, Add, Mul, Softmax...). Convert with --dtype fp32 for the CPU"
+            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -156,7 +161,7 @@ class Runtime(Stepper):
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         for name, value in zip(self.contract.past_names(), past, strict=True):
-            if isinstance(value, np.ndarray):  # the first call's empty past, or a cache the caller built
+            if isinstance(value, np.ndarray):  # a cache the caller built on the host
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
@@ -167,8 +172,16 @@ class Runtime(Stepper):
         logits, *present = binding.get_outputs()
         return logits.numpy(), present
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        return self.contract.empty_past(batch)
+    def empty_past(self, batch: int) -> list:
+        """Zero-length caches: numpy on the CPU, OrtValues on the device on CUDA (bfloat16 has no
+        numpy type, and the cache never leaves the device anyway)."""
+        if self.provider != "cuda":
+            return self.contract.empty_past(batch)
+        shape = self.contract.cache_shape(batch, 0)
+        element = self.contract.onnx_element_type
+        return [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, element, "cuda", 0) for _ in self.contract.past_names()
+        ]
 
     def placement(self) -> Placement:
         """Stop profiling and say which provider ran each op type so far. Needs `profile=True`

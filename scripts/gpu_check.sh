@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The prepared GPU check (under 5 minutes on one H200): install onnxruntime-gpu from carried
-# parts, convert the tiny fixture (fp16, fp32) and a mid-size checkpoint (P=1 and P=4, fp16),
-# validate each on CUDA, and time decoding. Results go to stdout and to $OUT (reports).
-#
-# The GPU machine has python3 3.12 with torch (CUDA 13), onnx, onnxscript, transformers, typer
-# and a CPU-only onnxruntime, and no network. Carry onnxruntime-gpu first: see gpu_wheel.sh.
-# Locally, `PROVIDER=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh` dry-runs the logic.
+# The prepared GPU check (about 5 minutes on one H200). Carry the onnxruntime-gpu parts first
+# (scripts/gpu_wheel.sh prints the calls), then run this in the last call. It:
+#   1. verifies and joins the carried parts (scripts/gpu_carry.py), unpacks onnxruntime-gpu into
+#      a private site directory put first on PYTHONPATH, and copies this package beside it;
+#   2. points the loader at the CUDA 13 / cuDNN 9 libraries of the machine's nvidia-* wheels
+#      (onnxruntime's preload_dlls looks only beside its own folder) and stops, loudly and with
+#      the loader's reason, when CUDA was asked for but cannot start;
+#   3. converts the tiny fixture (fp32, fp16, bf16) and a mid-size checkpoint (P=1, 4, 8, fp16),
+#      validates each on the provider (reports in $OUT), and times decoding for P=1/4/8.
+# The GPU machine's Python has torch (CUDA 13), onnx, onnxscript, typer, safetensors, numpy and
+# a CPU onnxruntime, and no registry. Dry run here (it cuts and carries a wheel for this Python):
+#   PROVIDER=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -13,22 +18,43 @@ PYTHON="${PYTHON:-python3}"
 PROVIDER="${PROVIDER:-cuda}"
 OUT="${OUT:-build/gpu-out}"
 WORK="${WORK:-/tmp/parscale-gpu}"
+site="$WORK/site"
 mkdir -p "$OUT" "$WORK"
 
 if [ "$PROVIDER" = cuda ]; then
     nvidia-smi -L || true
-    site=/tmp/parscale-site
-    if [ -f build/gpu-wheel/NAME ]; then
-        wheel="$WORK/$(cat build/gpu-wheel/NAME)"
-        cat build/gpu-wheel/part-* > "$wheel"
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheel"
+    PARTS="${PARTS:-build/gpu-wheel}"
+else  # dry run: cut this Python's onnxruntime-gpu wheel into parts, as gpu_wheel.sh does for the GPU
+    PARTS="${PARTS:-build/gpu-wheel-dryrun}"
+    if [ ! -f "$PARTS/gpu-wheel.json" ]; then
+        GPU_WHEEL_DIR="$PARTS" GPU_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+            bash scripts/gpu_wheel.sh > /dev/null
     fi
-    # Our package, without pip (no network, maybe no setuptools): the same layout pip would install.
-    rm -rf "$site/parscale_export" && mkdir -p "$site" && cp -r parscale_export "$site/" && cp -r cli "$site/parscale_export/cli"
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+echo "== joining and verifying the parts in $PARTS"
+"$PYTHON" scripts/gpu_carry.py join "$PARTS" "$WORK/wheel" --install "$site"
+# Our package, without pip: the layout pip would install (cli/ becomes parscale_export.cli).
+cp -r parscale_export "$site/" && cp -r cli "$site/parscale_export/cli"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$PROVIDER" = cuda ]; then
+    nvidia_libs=$("$PYTHON" -c 'import glob, os, sys
+print(":".join(sorted({os.path.dirname(p) for d in sys.path if os.path.isdir(d)
+                       for p in glob.glob(os.path.join(d, "nvidia", "*", "lib", "*.so*"))})))')
+    export LD_LIBRARY_PATH="$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+"$PYTHON" - "$PROVIDER" <<'PY'
+import sys
+import onnxruntime as ort
+from parscale_export.errors import ProviderError
+from parscale_export.runtime import resolve_provider
+print("onnxruntime", ort.__version__, "from", ort.__file__, ort.get_available_providers())
+try:
+    print("provider:", resolve_provider(sys.argv[1]))
+except ProviderError as exc:
+    sys.exit(f"STOP: {exc}")
+PY
 cli() { "$PYTHON" -c 'from parscale_export.cli.main import run; run()' "$@"; }
-"$PYTHON" -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers()); print("torch", torch.__version__, torch.cuda.is_available())'
 
 "$PYTHON" - "$WORK" <<'PY'
 import sys
@@ -37,21 +63,24 @@ from parscale_export.synthetic import parscale_config, write_checkpoint
 root = Path(sys.argv[1])
 shape = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=2, parscale_n_tokens=48)
-for n in (1, 4):
+for n in (1, 4, 8):
     write_checkpoint(root / f"mid-p{n}", parscale_config(parscale_n=n, **shape), seed=n)
-print("wrote mid-size checkpoints (vocab 32000, hidden 512, 8 layers, 8/2 heads, T=48), P=1 and P=4")
+print("wrote mid-size checkpoints (vocab 32000, hidden 512, 8 layers, 8/2 heads, T=48), P=1, 4 and 8")
 PY
 
 status=0
-for spec in "fixtures/tiny-parscale fp16 tiny-fp16" "fixtures/tiny-parscale fp32 tiny-fp32" \
-            "$WORK/mid-p4 fp16 mid-p4-fp16" "$WORK/mid-p1 fp16 mid-p1-fp16"; do
+for spec in "fixtures/tiny-parscale fp32 tiny-fp32" "fixtures/tiny-parscale fp16 tiny-fp16" \
+            "fixtures/tiny-parscale bf16 tiny-bf16" "$WORK/mid-p1 fp16 mid-p1-fp16" \
+            "$WORK/mid-p4 fp16 mid-p4-fp16" "$WORK/mid-p8 fp16 mid-p8-fp16"; do
     set -- $spec
     echo "== convert $1 ($2)"
-    cli convert "$1" -o "$WORK/$3" --dtype "$2" --force
+    cli convert "$1" -o "$WORK/$3" --dtype "$2" --force > /dev/null
     echo "== validate $3 on $PROVIDER"
-    cli validate "$WORK/$3" --provider "$PROVIDER" --report "$OUT/$3.json" || status=$?
+    cli validate "$WORK/$3" --provider "$PROVIDER" --report "$OUT/$3.json" || status=1
 done
 
-echo "== decode speed on $PROVIDER (fp16, ONNX Runtime; IO binding keeps the cache on the GPU)"
-cli bench "$WORK/mid-p1-fp16" "$WORK/mid-p4-fp16" --batch 1 --batch 8 --provider "$PROVIDER" --no-reference
+echo "== decode speed on $PROVIDER (fp16, ONNX Runtime; IO binding keeps the cache on the device)"
+cli bench "$WORK/mid-p1-fp16" "$WORK/mid-p4-fp16" "$WORK/mid-p8-fp16" --batch 1 --batch 8 \
+    --provider "$PROVIDER" --no-reference || status=1
+echo "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL) on $PROVIDER"
 exit $status

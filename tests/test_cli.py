@@ -94,7 +94,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys) -> None:
     assert "Traceback" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["convert"], ["convert", str(TINY), "-o", "x", "--dtype", "bf16"], ["nope"]])
+@pytest.mark.parametrize("args", [["convert"], ["convert", str(TINY), "-o", "x", "--dtype", "int3"], ["nope"]])
 def test_usage_errors_exit_2(args, capsys) -> None:
     assert main(args) == 2
 

@@ -108,4 +108,4 @@ def test_device_values_are_described_without_copying() -> None:
     from parscale_export.validate import _Described
 
     value = _Described(ort.OrtValue.ortvalue_from_numpy(np.zeros((8, 2, 5, 16), np.float16)))
-    assert value.shape == (8, 2, 5, 16) and value.dtype == np.float16
+    assert value.shape == (8, 2, 5, 16) and value.dtype == "float16"
