@@ -35,9 +35,12 @@ def validate_command(
     ] = Provider.auto,
     report: Annotated[Path | None, typer.Option(help="Also write every metric, threshold and version as JSON.")] = None,
     atol: Annotated[
-        float | None, typer.Option(help="Max |logit error| allowed. Default: 1e-3 fp32, 0.25 fp16.")
+        float | None,
+        typer.Option(help="Max |logit error| allowed. Default: 1e-3 fp32; x peak |logit|: 0.02 fp16, 0.05 bf16."),
     ] = None,
-    min_top1: Annotated[float | None, typer.Option(help="Min top-1 agreement. Default: 1.0 fp32, 0.97 fp16.")] = None,
+    min_top1: Annotated[
+        float | None, typer.Option(help="Min top-1 agreement. Default: 1.0 fp32, 0.9 fp16/bf16.")
+    ] = None,
     min_cosine: Annotated[float | None, typer.Option(help="Min cosine similarity of logits.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Prompts in the left-padded batch (row b has 2*b pads).")] = 3,
     prompt_length: Annotated[int, typer.Option(min=2, help="Tokens per prompt, padding included.")] = 12,

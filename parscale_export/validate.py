@@ -41,8 +41,11 @@ class Thresholds:
 DEFAULT_THRESHOLDS = {
     # fp32 should agree to ~1e-5; 1e-3 leaves room for kernel differences, not for bugs.
     "float32": Thresholds(max_abs=1e-3, scaled=False, min_cosine=0.99999, min_top1=1.0, greedy_must_match=True),
-    # fp16 rounds every weight and activation: judge by top-1 and a loose error bound.
-    "float16": Thresholds(max_abs=0.02, scaled=True, min_cosine=0.999, min_top1=0.97, greedy_must_match=False),
+    # fp16 rounds every weight and activation. The PyTorch model itself in fp16 against fp32 (the
+    # same 5 checkpoints as bf16 below): max |error| <= 0.0038 x peak, cosine >= 0.999994, but
+    # top-1 only >= 0.967 (one flip in 30 positions on flat random logits), so top-1 is a coarse
+    # guard here and cosine the sharp one (the drifted checkpoints reach cosine <= 0.99877).
+    "float16": Thresholds(max_abs=0.02, scaled=True, min_cosine=0.9999, min_top1=0.9, greedy_must_match=False),
     # Weight-only quantization drifts by design; these bounds suit trained checkpoints (random
     # weights have flat logits and drift further under int4: see the README).
     # bf16 keeps 8 mantissa bits. Measured with the PyTorch model itself in bfloat16 against

@@ -53,11 +53,12 @@ def swap_streams(t) -> None:
             t[name] = tensor[[1, 0, 2, 3]].contiguous()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("change", [scale_one_prefix, move_one_aggregation_bias, swap_streams])
-def test_drifted_weights_fail_with_exit_1(change, bundle, tmp_path, capsys) -> None:
+def test_drifted_weights_fail_with_exit_1(change, dtype, bundle, tmp_path, capsys) -> None:
     drifted = drifted_copy(tmp_path, change.__name__, change)
     report = tmp_path / "report.json"
-    code = main(["validate", str(bundle(drifted)), "--checkpoint", str(TINY), "--report", str(report)])
+    code = main(["validate", str(bundle(drifted, dtype)), "--checkpoint", str(TINY), "--report", str(report)])
     out, err = capsys.readouterr()
     assert code == 1, out + err
     assert "FAIL" in out and "validation failed" in err
