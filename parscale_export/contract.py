@@ -12,8 +12,10 @@ Outputs:
 
 Row b*P + p of the folded batch is stream p of sequence b. Because a sequence's streams are
 adjacent, the same memory is [batch, P*kv_heads, seq, head_dim]: bundles made for
-onnxruntime-genai (`cache_layout = "heads"`) declare their cache in that shape; everything
-else about them is the same.
+onnxruntime-genai (`cache_layout = "heads"`) declare their cache in that shape. Their graphs
+also accept genai's batches (model.PackedSlots): rows padded on the right, each row's new keys
+written right after its last real token, positions read from the mask, and a present of
+max(past_sequence, total_sequence) slots. With left padding that is exactly version 1.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ class ExportGraph(nn.Module):
 
     With `heads_layout` the cache is declared [B, P*KV, L, D] (what onnxruntime-genai expects)
     instead of [B*P, KV, L, D]; the reshapes between the two are free and cancel in the graph.
+    Such graphs are also `packed` (model.PackedSlots): genai's batching pads rows on the right.
     """
 
     def __init__(self, lm: ParScaleForCausalLM, heads_layout: bool = False) -> None:
@@ -73,7 +74,7 @@ class ExportGraph(nn.Module):
         if self.heads_layout:
             past = tuple(t.reshape(-1, c.num_kv_heads, t.shape[2], c.head_dim) for t in past)
         pairs = list(zip(past[0::2], past[1::2], strict=True))
-        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs)
+        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs, packed=self.heads_layout)
         flat = [t for kv in presents for t in kv]
         if self.heads_layout:
             batch = input_ids.shape[0]

@@ -11,6 +11,11 @@ Layout (the I/O contract, version 1):
 - Because a sequence's P streams are adjacent rows, [P*B, KV, L, D] is also, for free,
   [B, P*KV, L, D]; attention runs in that view, where query head `p*H + h` shares key/value
   head `p*KV + h // (H/KV)`, i.e. plain grouped-query attention stays inside its own stream.
+- `packed=True` (the onnxruntime-genai graphs) also accepts what genai's batching feeds:
+  rows padded on the right, a cache whose columns after a row's length hold garbage, a
+  present as long as the mask (or the past, when genai shares one buffer). Each row's new
+  keys go right after its last real token, and positions come from the mask. With left
+  padding this is the same computation as the default.
 """
 
 from __future__ import annotations
@@ -82,7 +87,14 @@ class Attention(nn.Module):
         return x.reshape(batch, self.n_streams * n_heads, seq, self.head_dim)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor, past_v: Tensor
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        bias: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        slots: PackedSlots | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         rows, seq, _ = x.shape  # rows = B*P
         batch = rows // self.n_streams
@@ -95,8 +107,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
 
         # Past arrives as [B*P, KV, past, D]; the same memory seen as [B, P*KV, past, D].
-        k = torch.cat((past_k.reshape(batch, self.n_streams * self.n_kv, -1, d), k), dim=2)
-        v = torch.cat((past_v.reshape(batch, self.n_streams * self.n_kv, -1, d), v), dim=2)
+        past_k = past_k.reshape(batch, self.n_streams * self.n_kv, -1, d)
+        past_v = past_v.reshape(batch, self.n_streams * self.n_kv, -1, d)
+        if slots is None:
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        else:
+            k, v = slots.write(past_k, k), slots.write(past_v, v)
         present_k = k.reshape(rows, self.n_kv, -1, d)
         present_v = v.reshape(rows, self.n_kv, -1, d)
         if self.n_streams > 1:
@@ -131,9 +147,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor, past_v: Tensor
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        bias: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        slots: PackedSlots | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        attn, present_k, present_v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
+        attn, present_k, present_v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v, slots)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present_k, present_v
@@ -158,6 +181,50 @@ def attention_bias(attention_mask: Tensor, seq: int, n_prefix: int, dtype: torch
     return bias
 
 
+class PackedSlots:
+    """Where each row's new tokens go when rows may be padded on either side (`packed=True`).
+
+    Row b's S new tokens end at the last 1 of its mask, so they take columns
+    start[b] + s with start[b] = max(last[b] + 1 - S, 0): with left padding the last S columns,
+    as in the default layout; with right padding (onnxruntime-genai's batches) right after the
+    row's own tokens, overwriting what a padded column left there. The present is
+    max(past, total) long: total when genai passes a growing cache, past when it shares one
+    buffer between past and present.
+    """
+
+    def __init__(self, attention_mask: Tensor, seq: int, past_length: int | torch.SymInt) -> None:
+        total = attention_mask.shape[1]
+        columns = torch.arange(total, device=attention_mask.device)
+        last = (attention_mask * columns).amax(-1)  # [B]: the last real column
+        start = (last + 1 - seq).clamp(min=0)
+        self.columns = (start[:, None] + torch.arange(seq, device=attention_mask.device)).clamp(max=total - 1)  # [B, S]
+        self.length = torch.sym_max(past_length, total)
+        self.mask = attention_mask
+
+    def positions(self) -> Tensor:
+        """[B, S]: real tokens before each new token's column (genai's own position_ids count a
+        real token equal to the pad id as padding, so they are not trusted)."""
+        return (self.mask.cumsum(-1) - 1).clamp(min=0).gather(1, self.columns)
+
+    def bias(self, n_prefix: int, dtype: torch.dtype) -> Tensor:
+        """[B, 1, S, T + length]: the prefix, then every real column up to the query's own, and
+        the query's own column (so a padded query row is never fully masked)."""
+        batch, total = self.mask.shape
+        keys = torch.arange(self.length, device=self.mask.device)  # [L]
+        real = self.mask.gather(1, keys.clamp(max=total - 1)[None].expand(batch, -1)) == 1
+        real = real & (keys < total)  # [B, L]: columns past the mask are never real
+        query = self.columns[:, :, None]  # [B, S, 1]
+        visible = (real[:, None, :] & (keys <= query)) | (keys == query)  # [B, S, L]
+        bias = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+        return torch.cat((bias.new_zeros(batch, 1, bias.shape[2], n_prefix), bias), dim=-1) if n_prefix else bias
+
+    def write(self, past: Tensor, new: Tensor) -> Tensor:
+        """past [B, H, Lp, D], grown with zeros to `length`, with new [B, H, S, D] at `columns`."""
+        batch, heads, past_length, d = past.shape
+        buffer = torch.cat((past, past.new_zeros(batch, heads, self.length - past_length, d)), dim=2)
+        return buffer.scatter(2, self.columns[:, None, :, None].expand(-1, heads, -1, d), new)
+
+
 class ParScaleModel(nn.Module):
     """The decoder: embeddings, layers, final norm and the stream aggregation."""
 
@@ -173,17 +240,21 @@ class ParScaleModel(nn.Module):
             self.aggregate_layer = nn.Sequential(nn.Linear(n * h, h), nn.SiLU(), nn.Linear(h, n))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache, packed: bool = False
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        n = self.config.parscale_n
+        n, n_prefix = self.config.parscale_n, self.config.parscale_n_tokens
         batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, S, h]
         x = x[:, None].expand(-1, n, -1, -1).reshape(batch * n, seq, -1)  # [B*P, S, h]: copy per stream
+        slots = PackedSlots(attention_mask, seq, past[0][0].shape[2]) if packed else None
+        if slots is not None:
+            position_ids, bias = slots.positions(), slots.bias(n_prefix, x.dtype)
+        else:
+            bias = attention_bias(attention_mask, seq, n_prefix, x.dtype)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        bias = attention_bias(attention_mask, seq, self.config.parscale_n_tokens, x.dtype)
         presents = []
         for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
-            x, present_k, present_v = layer(x, cos, sin, bias, past_k, past_v)
+            x, present_k, present_v = layer(x, cos, sin, bias, past_k, past_v, slots)
             presents.append((present_k, present_v))
         x = self.norm(x)
         if n > 1:
@@ -215,10 +286,11 @@ class ParScaleForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache, packed: bool = False
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """logits [B, S, V] float32 and the presents [P*B, KV, past + S, D] per layer."""
-        hidden, presents = self.model(input_ids, attention_mask, position_ids, past)
+        """logits [B, S, V] float32 and the presents [P*B, KV, past + S, D] per layer (with
+        `packed`, max(past, mask length) long: see PackedSlots)."""
+        hidden, presents = self.model(input_ids, attention_mask, position_ids, past, packed)
         return self.lm_head(hidden).float(), presents
 
     def empty_cache(self, batch: int) -> list[tuple[Tensor, Tensor]]:
