@@ -40,10 +40,15 @@ DEFAULT_THRESHOLDS = {
     "float32": Thresholds(max_abs=1e-3, scaled=False, min_cosine=0.99999, min_top1=1.0, greedy_must_match=True),
     # fp16 rounds every weight and activation: judge by top-1 and a loose error bound.
     "float16": Thresholds(max_abs=0.02, scaled=True, min_cosine=0.999, min_top1=0.97, greedy_must_match=False),
-    # Weight-only quantization drifts by design; these bounds suit trained checkpoints (random
-    # weights have flat logits and drift further under int4: see the README).
+    # Weight-only quantization drifts by design. These bounds were measured on trained weights
+    # (scripts/quant_drift.py on fixtures/tiny-python-p4, P=4, and a P=1 twin trained by the same
+    # command; CPU provider, accuracy level 4), worst phase of either, then given a margin:
+    #   int8  max |error| 0.0147 x largest |logit|, cosine 0.99975, top-1 0.95
+    #   int4  max |error| 0.110 x largest |logit|,  cosine 0.9793,  top-1 0.833
+    # int8's error bound keeps room for random weights too (a random tied head reaches 0.035);
+    # the random-weight fixture's int4 bundle misses int4's (0.187, top-1 0.733): it should fail.
     "int8": Thresholds(max_abs=0.05, scaled=True, min_cosine=0.999, min_top1=0.9, greedy_must_match=False),
-    "int4": Thresholds(max_abs=0.25, scaled=True, min_cosine=0.98, min_top1=0.8, greedy_must_match=False),
+    "int4": Thresholds(max_abs=0.15, scaled=True, min_cosine=0.97, min_top1=0.75, greedy_must_match=False),
 }
 
 
