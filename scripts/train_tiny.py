@@ -171,6 +171,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def model_config(args: argparse.Namespace, vocab_size: int) -> dict:
+    """config.json for the checkpoint; P=1 is written as a plain Qwen2 model."""
+    raw = parscale_config(
+        parscale_n=args.parscale_n,
+        parscale_n_tokens=args.prefix_tokens,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=args.context,
+        torch_dtype="bfloat16",
+    )
+    if args.parscale_n == 1:
+        raw |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+        for key in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):
+            raw.pop(key)
+    return raw
+
+
+def make_optimizer(model: ParScaleForCausalLM, lr: float) -> torch.optim.AdamW:
+    """AdamW; weight decay on the matrices only (not on norms, biases or the learned prefixes)."""
+    named = sorted(model.named_parameters())
+    decays = [p.dim() >= 2 and "prefix" not in n for n, p in named]
+    groups = [
+        {"params": [p for (_, p), d in zip(named, decays, strict=True) if d], "weight_decay": 0.1},
+        {"params": [p for (_, p), d in zip(named, decays, strict=True) if not d], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def train(
+    model: ParScaleForCausalLM, data: Tensor, args: argparse.Namespace, gen: torch.Generator, started: float
+) -> list[dict]:
+    """The optimisation loop; returns the loss curve (mean training loss since the previous entry)."""
+    optimizer = make_optimizer(model, args.lr)
+    curve: list[dict] = []
+    running: list[float] = []
+    log_every = max(1, args.steps // 20)
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        starts = torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen)
+        loss = batch_loss(model, data, starts, args.context)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running.append(loss.item())
+        if (step + 1) % log_every == 0 or step == 0 or step + 1 == args.steps:
+            mean = sum(running) / len(running)
+            curve.append({"step": step + 1, "loss": round(mean, 4), "seconds": round(time.perf_counter() - started, 1)})
+            print(f"step {step + 1:5d}  loss {mean:.4f}  {curve[-1]['seconds']:7.1f} s", flush=True)
+            running = []
+    return curve
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -191,53 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         f"last {HELD_OUT:.0%} held out"
     )
 
-    raw_config = parscale_config(
-        parscale_n=args.parscale_n,
-        parscale_n_tokens=args.prefix_tokens,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=tokenizer.get_vocab_size(),
-        max_position_embeddings=args.context,
-        torch_dtype="bfloat16",
-    )
-    if args.parscale_n == 1:
-        raw_config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
-        for key in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):
-            raw_config.pop(key)
+    raw_config = model_config(args, tokenizer.get_vocab_size())
     model = ParScaleForCausalLM(parse_config(raw_config))
     gen = torch.Generator().manual_seed(args.seed)
     init_weights(model, gen)
-    matrices = [p for n, p in sorted(model.named_parameters()) if p.dim() >= 2 and "prefix" not in n]
-    others = [p for n, p in sorted(model.named_parameters()) if not (p.dim() >= 2 and "prefix" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params} parameters, P={args.parscale_n}, {args.steps} steps of {args.batch}x{args.context}")
-
-    curve: list[dict] = []
-    running: list[float] = []
-    log_every = max(1, args.steps // 20)
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
-        starts = torch.randint(0, len(train_data) - args.context - 1, (args.batch,), generator=gen)
-        loss = batch_loss(model, train_data, starts, args.context)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running.append(loss.item())
-        if (step + 1) % log_every == 0 or step == 0 or step + 1 == args.steps:
-            mean = sum(running) / len(running)
-            curve.append({"step": step + 1, "loss": round(mean, 4), "seconds": round(time.perf_counter() - started, 1)})
-            print(f"step {step + 1:5d}  loss {mean:.4f}  {curve[-1]['seconds']:7.1f} s", flush=True)
-            running = []
+    curve = train(model, train_data, args, gen, started)
 
     model.eval()
     held = held_out_loss(model, held_data, args.context, args.batch)
