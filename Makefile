@@ -20,10 +20,12 @@ $(GENAI)/.installed: constraints-genai.txt
 	$(GENAI)/bin/pip install --quiet --disable-pip-version-check -c constraints-genai.txt onnxruntime-genai numpy
 	touch $@
 
+# The demo model was trained on Python's own standard library (fixtures/tiny-python-p4/README.md),
+# so it continues code. tests/test_demo.py reads the generate line below.
 demo: setup
-	$(BIN)/parscale-export convert fixtures/tiny-parscale -o $(DEMO) --force
+	$(BIN)/parscale-export convert fixtures/tiny-python-p4 -o $(DEMO) --force
 	$(BIN)/parscale-export validate $(DEMO)
-	$(BIN)/parscale-export generate $(DEMO) --prompt "Hello, ParScale" --max-new-tokens 16
+	$(BIN)/parscale-export generate $(DEMO) --prompt "def " --max-new-tokens 48
 
 lint: setup
 	$(BIN)/ruff check .

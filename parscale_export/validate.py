@@ -46,15 +46,20 @@ DEFAULT_THRESHOLDS = {
     # top-1 only >= 0.967 (one flip in 30 positions on flat random logits), so top-1 is a coarse
     # guard here and cosine the sharp one (the drifted checkpoints reach cosine <= 0.99877).
     "float16": Thresholds(max_abs=0.02, scaled=True, min_cosine=0.9999, min_top1=0.9, greedy_must_match=False),
-    # Weight-only quantization drifts by design; these bounds suit trained checkpoints (random
-    # weights have flat logits and drift further under int4: see the README).
     # bf16 keeps 8 mantissa bits. Measured with the PyTorch model itself in bfloat16 against
     # float32 (tiny fixture, the 3 conformance checkpoints, a mid-size P=4; prefill + 8 decode
     # steps): max |error| <= 0.024 x peak |logit|, cosine >= 0.99966, top-1 >= 0.93. The
     # drifted checkpoints of the tests reach cosine <= 0.99877 there: cosine separates them.
     "bfloat16": Thresholds(max_abs=0.05, scaled=True, min_cosine=0.9995, min_top1=0.9, greedy_must_match=False),
+    # Weight-only quantization drifts by design. These bounds were measured on trained weights
+    # (scripts/quant_drift.py on fixtures/tiny-python-p4, P=4, and a P=1 twin trained by the same
+    # command; CPU provider, accuracy level 4), worst phase of either, then given a margin:
+    #   int8  max |error| 0.0147 x largest |logit|, cosine 0.99975, top-1 0.95
+    #   int4  max |error| 0.110 x largest |logit|,  cosine 0.9793,  top-1 0.833
+    # int8's error bound keeps room for random weights too (a random tied head reaches 0.035);
+    # the random-weight fixture's int4 bundle misses int4's (0.187, top-1 0.733): it should fail.
     "int8": Thresholds(max_abs=0.05, scaled=True, min_cosine=0.999, min_top1=0.9, greedy_must_match=False),
-    "int4": Thresholds(max_abs=0.25, scaled=True, min_cosine=0.98, min_top1=0.8, greedy_must_match=False),
+    "int4": Thresholds(max_abs=0.15, scaled=True, min_cosine=0.97, min_top1=0.75, greedy_must_match=False),
 }
 
 
@@ -83,6 +88,7 @@ class PhaseResult:
     positions: int
     max_abs: float
     mean_abs: float
+    reference_max_abs: float  # the reference's largest |logit|: a scaled threshold's unit
     min_cosine: float
     top1: float
     greedy_match: bool | None
@@ -150,6 +156,7 @@ class _Comparison:
             positions=len(got),
             max_abs=float(diff.max()),
             mean_abs=float(diff.mean()),
+            reference_max_abs=float(np.abs(want).max()),
             min_cosine=float(cosine.min()),
             top1=top1,
             greedy_match=self.greedy_match,
@@ -157,7 +164,7 @@ class _Comparison:
         )
         if not np.isfinite(got).all():
             res.failures.append("non-finite logits")
-        bound = limits.max_abs * max(1.0, float(np.abs(want).max())) if limits.scaled else limits.max_abs
+        bound = limits.max_abs * max(1.0, res.reference_max_abs) if limits.scaled else limits.max_abs
         if res.max_abs > bound:
             res.failures.append(f"max |error| {res.max_abs:.3g} > {bound:.3g}")
         if res.min_cosine < limits.min_cosine:

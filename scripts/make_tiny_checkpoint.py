@@ -1,4 +1,5 @@
-"""Write fixtures/tiny-parscale: a small random ParScale checkpoint with a byte-level tokenizer.
+"""Write fixtures/tiny-parscale: a small random ParScale checkpoint with a byte-level tokenizer
+(for tests that need arbitrary logits; the demo uses the trained fixtures/tiny-python-p4).
 
 Deterministic: running it again rewrites byte-identical files (a test checks this).
 Usage: python scripts/make_tiny_checkpoint.py [OUT_DIR]

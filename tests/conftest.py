@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 CONFORMANCE = FIXTURES / "conformance"
 CONFORMANCE_NAMES = ["p1_plain_mqa", "p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"]
-TINY = FIXTURES / "tiny-parscale"
+TINY = FIXTURES / "tiny-parscale"  # random weights: for tests that need arbitrary logits
+TRAINED = FIXTURES / "tiny-python-p4"  # trained on Python source: the demo, quantization on real weights
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

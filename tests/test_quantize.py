@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CONFORMANCE, TINY
+from conftest import CONFORMANCE, TINY, TRAINED
 from parscale_export.cli.main import main
 from safetensors.torch import save_file
 
@@ -55,7 +55,7 @@ def convert_and_validate(ckpt, scheme: str, tmp_path, extra=()) -> tuple[int, di
 def test_int4_on_representable_weights_passes(grid_checkpoint, tmp_path) -> None:
     code, report, manifest = convert_and_validate(grid_checkpoint, "int4", tmp_path)
     assert code == 0, report
-    assert report["quantization"] == "int4" and report["thresholds"]["min_top1"] == 0.8
+    assert report["quantization"] == "int4" and report["thresholds"]["min_top1"] == 0.75
     quantization = manifest["quantization"]
     assert quantization["bits"] == 4 and quantization["op"] == "MatMulNBits"
     assert quantization["quantized_matmuls"] == 2 * 7 + 1 + 2  # per layer q k v o gate up down, head, aggregation
@@ -65,6 +65,14 @@ def test_int8_on_random_weights_passes(tmp_path) -> None:
     code, report, _ = convert_and_validate(TINY, "int8", tmp_path)
     assert code == 0, report
     assert all(p["min_cosine"] > 0.999 for p in report["phases"])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_trained_fixture_passes_quantized_validation(scheme, tmp_path) -> None:
+    """The quantized thresholds were measured on this fixture (see its README) and set with a margin."""
+    code, report, _ = convert_and_validate(TRAINED, scheme, tmp_path)
+    assert code == 0, report
+    assert report["quantization"] == scheme
 
 
 def test_int4_drift_on_random_weights_is_reported_and_fails(tmp_path, capsys) -> None:
