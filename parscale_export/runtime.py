@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from .bundle import Manifest, read_manifest
 from .errors import BundleError, ProviderError
+from .sharing import SharedWeights
 from .stepping import Stepper, positions
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -68,10 +69,18 @@ def resolve_provider(provider: str) -> str:
 
 
 class Runtime(Stepper):
-    """An ONNX Runtime session over one bundle."""
+    """An ONNX Runtime session over one bundle, or over one P of a family bundle (`parallel`;
+    default: its largest P). Sessions given the same `shared` weights hold the backbone once."""
 
-    def __init__(self, bundle_dir: Path, provider: str = "cpu", threads: int | None = None) -> None:
-        self.manifest: Manifest = read_manifest(bundle_dir)
+    def __init__(
+        self,
+        bundle_dir: Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        parallel: int | None = None,
+        shared: SharedWeights | None = None,
+    ) -> None:
+        self.manifest: Manifest = read_manifest(bundle_dir, parallel)
         self.contract = self.manifest.contract
         self.provider = resolve_provider(provider)
         options = ort.SessionOptions()
@@ -79,6 +88,9 @@ class Runtime(Stepper):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        self.shared = shared  # the session reads its weights' memory: keep it alive as long as the session
+        if shared is not None:
+            shared.add_to(options, self.manifest.model_path)
         providers = [PROVIDER_NAMES[self.provider]] + (["CPUExecutionProvider"] if self.provider == "cuda" else [])
         try:
             self.session = ort.InferenceSession(str(self.manifest.model_path), options, providers=providers)
@@ -126,3 +138,14 @@ class Runtime(Stepper):
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return self.contract.empty_past(batch)
+
+
+def load_family(
+    bundle_dir: Path, sizes: list[int] | None = None, provider: str = "cpu", threads: int | None = None
+) -> dict[int, Runtime]:
+    """A Runtime per P of a family bundle (every P by default), all over one copy of the backbone."""
+    manifest = read_manifest(bundle_dir)
+    if not manifest.family:
+        raise BundleError(f"{bundle_dir}: not a family bundle (it holds P={manifest.contract.parscale_n} only)")
+    shared = SharedWeights(bundle_dir)
+    return {p: Runtime(bundle_dir, provider, threads, parallel=p, shared=shared) for p in sizes or manifest.family}

@@ -97,6 +97,7 @@ class Report:
     phases: list[PhaseResult]
     contract_problems: list[str]
     versions: dict[str, str | None]
+    parscale_n: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -224,15 +225,17 @@ def run_validation(
     settings: Settings = Settings(),
     thresholds: Thresholds | None = None,
     log=lambda _: None,
+    parallel: int | None = None,
 ) -> Report:
-    manifest = read_manifest(bundle_dir)
+    """Validate one bundle, or the member P = `parallel` of a family bundle (default: its largest)."""
+    manifest = read_manifest(bundle_dir, parallel)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else manifest.source_checkpoint
     if checkpoint_dir is None:
         raise BundleError(f"{bundle_dir}: manifest records no source checkpoint; pass --checkpoint")
     _check_same_shape(manifest.raw.get("model", {}), load_config(checkpoint_dir), checkpoint_dir)
     limits = thresholds or default_thresholds(manifest)
 
-    runtime = Runtime(bundle_dir, provider=provider)
+    runtime = Runtime(bundle_dir, provider=provider, parallel=manifest.contract.parscale_n if manifest.family else None)
     log(f"ONNX Runtime provider: {runtime.provider.upper()}")
     if runtime.provider == "cpu" and provider == "auto":
         log(CPU_FALLBACK_WARNING)
@@ -287,6 +290,7 @@ def run_validation(
         phases=phases,
         contract_problems=bundle.problems,
         versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
+        parscale_n=manifest.contract.parscale_n,
     )
 
 

@@ -1,0 +1,55 @@
+"""One copy of a family's backbone in memory, however many of its P are loaded.
+
+Every graph of a family bundle points into one shared data file (see datafile.py). Loaded as
+usual, each ONNX Runtime session would read its own copy of those weights. Here the file is
+memory-mapped once, each stored tensor becomes one OrtValue over the mapping, and every session
+receives those values through SessionOptions.add_initializer, which ONNX Runtime uses in place
+of the graph's own initializer of that name (names may differ between graphs; the bytes are
+found by their offset in the shared file). No torch: the runtime imports this.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from .bundle import SHARED_DATA_FILE
+
+# Keep ONNX Runtime from repacking shared MatMul weights into a private copy per session.
+NO_PREPACKING = "session.disable_prepacking"
+
+
+class SharedWeights:
+    """The shared data file of one family bundle, mapped read-only, as OrtValues by location."""
+
+    def __init__(self, bundle_dir: Path, prepacking: bool = False) -> None:
+        self.path = Path(bundle_dir) / SHARED_DATA_FILE
+        self.prepacking = prepacking
+        self.mapping = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.values: dict[tuple[int, int, int, tuple[int, ...]], ort.OrtValue] = {}
+
+    def add_to(self, options: ort.SessionOptions, model_path: Path) -> int:
+        """Hand every initializer of `model_path` that lives in the shared file to `options`;
+        returns how many. Without `prepacking`, sessions run on the shared weights themselves."""
+        proto = onnx.load(str(model_path), load_external_data=False)
+        count = 0
+        for tensor in proto.graph.initializer:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if tensor.data_location != TensorProto.EXTERNAL or info.get("location") != SHARED_DATA_FILE:
+                continue
+            key = (int(info.get("offset", 0)), int(info["length"]), tensor.data_type, tuple(tensor.dims))
+            if key not in self.values:
+                self.values[key] = ort.OrtValue.ortvalue_from_numpy(self._array(*key))
+            options.add_initializer(tensor.name, self.values[key])
+            count += 1
+        if not self.prepacking:
+            options.add_session_config_entry(NO_PREPACKING, "1")
+        return count
+
+    def _array(self, offset: int, length: int, data_type: int, dims: tuple[int, ...]) -> np.ndarray:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+        return self.mapping[offset : offset + length].view(dtype).reshape(dims)
