@@ -10,6 +10,7 @@ A family bundle (several P over one backbone, written by family.py) is:
   model.onnx.data               every weight two or more graphs use, stored once
   model.p{P}.onnx, model.p{P}.onnx.data   the graph for P and what only it uses
   config.p{P}.json, generation_config.p{P}.json, tokenizer files
+  genai-p{P}/genai_config.json  with --genai: onnxruntime-genai opens this folder for P
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class Manifest:
     def pad_id(self) -> int:
         tokens = self.raw.get("tokens", {})
         return next(iter(tokens.get("pad_token_id", []) + tokens.get("eos_token_id", [])), 0)
+
+
+def genai_folder(parallel: int) -> str:
+    """Where a family bundle made with --genai keeps the genai_config.json for P."""
+    return f"genai-p{parallel}"
 
 
 def member_file(name: str, parallel: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from .bundle import (
     COPIED_FILES,
     FAMILY_FORMAT,
     MANIFEST_FILE,
+    MODEL_FILE,
     SHARED_DATA_FILE,
+    genai_folder,
     member_file,
 )
 from .checkpoint import expected_shapes, weight_files
@@ -28,6 +31,7 @@ from .config import ModelConfig, load_config
 from .datafile import merge_members
 from .errors import CheckpointError, ConfigError, OutputError
 from .export import ConvertResult, Log, _check_target, _move_into_place, _staging_dir, convert
+from .genai import GENAI_CONFIG
 from .jsonfile import read_json_object
 from .tensorfile import TensorFile
 
@@ -132,8 +136,6 @@ def convert_family(
     out_dir = Path(out_dir)
     for checkpoint in checkpoints:
         _check_target(out_dir, Path(checkpoint), force)
-    if genai:
-        raise OutputError("--genai is not supported for a family of checkpoints yet; convert each P on its own")
     log(f"checking that {len(checkpoints)} checkpoints share one backbone")
     members = check_family(checkpoints)
     sizes = [m.config.parscale_n for m in members]
@@ -145,7 +147,8 @@ def convert_family(
         for m in members:
             p = m.config.parscale_n
             log(f"exporting P={p} from {m.checkpoint}")
-            convert(m.checkpoint, parts / f"p{p}", dtype=dtype, quantize=quantize, log=lambda s: log("  " + s))
+            options = dict(dtype=dtype, genai=genai, quantize=quantize)
+            convert(m.checkpoint, parts / f"p{p}", **options, log=lambda s: log("  " + s))
             manifests[p] = read_json_object(parts / f"p{p}" / MANIFEST_FILE, OutputError)
         log("storing the shared weights once")
         stored = merge_members({p: parts / f"p{p}" for p in sizes}, staging)
@@ -155,9 +158,13 @@ def convert_family(
                 if (parts / f"p{p}" / name).is_file():
                     shutil.copyfile(parts / f"p{p}" / name, staging / member_file(name, p))
             manifests[p]["files"] = stored[p]
-        for name in COPIED_FILES:
-            if name not in PER_MEMBER_FILES and (parts / f"p{default}" / name).is_file():
-                shutil.copyfile(parts / f"p{default}" / name, staging / name)
+        shared_files = [n for n in COPIED_FILES if n not in PER_MEMBER_FILES and (parts / f"p{default}" / n).is_file()]
+        for name in shared_files:
+            shutil.copyfile(parts / f"p{default}" / name, staging / name)
+        if genai:
+            for p in sizes:
+                linked = [stored[p]["model"], *stored[p]["external_data"], *shared_files]
+                _genai_folder(parts / f"p{p}", staging, p, linked, log)
         shutil.rmtree(parts)
         manifest = {
             "format": FAMILY_FORMAT,
@@ -167,6 +174,25 @@ def convert_family(
             "members": {str(p): manifests[p] for p in sizes},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
         _move_into_place(staging, out_dir)
     return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=members[-1].config)
+
+
+def _genai_folder(member: Path, staging: Path, parallel: int, files: list[str], log: Log) -> None:
+    """genai-p{P}/: genai_config.json and hard links to the graph for P, its data files and the
+    tokenizer. genai refuses a filename with "..", and ONNX Runtime refuses external data outside
+    the graph's folder (symbolic links included), so the folder holds links to the same bytes."""
+    folder = staging / genai_folder(parallel)
+    folder.mkdir()
+    shutil.copyfile(member / GENAI_CONFIG, folder / GENAI_CONFIG)  # its filename is model.onnx
+    copied = []
+    for name in files:
+        target = MODEL_FILE if name == member_file(MODEL_FILE, parallel) else name
+        try:
+            os.link(staging / name, folder / target)
+        except OSError:  # a file system without hard links: correct, but no longer shared on disk
+            shutil.copyfile(staging / name, folder / target)
+            copied.append(name)
+    if copied:
+        log(f"note: no hard links here; {folder.name}/ holds its own copy of {', '.join(copied)}")
