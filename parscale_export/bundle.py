@@ -51,7 +51,9 @@ class Manifest:
 
     @property
     def model_path(self) -> Path:
-        return self.bundle_dir / self.raw.get("files", {}).get("model", MODEL_FILE)
+        files = self.raw.get("files")
+        name = files.get("model") if isinstance(files, dict) else None
+        return self.bundle_dir / (name if isinstance(name, str) and name else MODEL_FILE)
 
     @property
     def source_checkpoint(self) -> Path | None:
@@ -123,6 +125,8 @@ def _member(path: Path, raw: dict[str, Any], parallel: int | None) -> tuple[dict
     sizes = raw.get("parallel")
     if not isinstance(members, dict) or not isinstance(sizes, list) or not sizes:
         raise BundleError(f"{path}: malformed family manifest (no members)")
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in sizes):
+        raise BundleError(f"{path}: malformed family manifest (parallel must list integers)")
     chosen = max(sizes) if parallel is None else parallel
     member = members.get(str(chosen))
     if not isinstance(member, dict):

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from .bundle import SHARED_DATA_FILE
+from .errors import BundleError
 
 # Keep ONNX Runtime from repacking shared MatMul weights into a private copy per session.
 NO_PREPACKING = "session.disable_prepacking"
@@ -29,6 +30,8 @@ class SharedWeights:
     def __init__(self, bundle_dir: Path, prepacking: bool = False) -> None:
         self.path = Path(bundle_dir) / SHARED_DATA_FILE
         self.prepacking = prepacking
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            raise BundleError(f"{self.path}: the family's shared weights are missing")
         self.mapping = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.values: dict[tuple[int, int, int, tuple[int, ...]], ort.OrtValue] = {}
 
@@ -52,4 +55,6 @@ class SharedWeights:
 
     def _array(self, offset: int, length: int, data_type: int, dims: tuple[int, ...]) -> np.ndarray:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+        if offset + length > len(self.mapping) or length != dtype.itemsize * int(np.prod(dims, dtype=np.int64)):
+            raise BundleError(f"{self.path}: a stored tensor ({length} bytes at {offset}) does not fit the file")
         return self.mapping[offset : offset + length].view(dtype).reshape(dims)

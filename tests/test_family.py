@@ -16,6 +16,7 @@ from parscale_export.cli.main import main
 from safetensors.torch import load_file
 
 from parscale_export.bundle import DATA_FILE, MANIFEST_FILE, read_manifest
+from parscale_export.errors import BundleError
 from parscale_export.family import convert_family
 from parscale_export.runtime import Runtime, load_family
 from parscale_export.synthetic import parscale_config, write_checkpoint, write_family
@@ -112,11 +113,13 @@ def test_family_is_at_most_1_25x_the_largest_single_bundle(family: list[Path], f
     assert together <= 1.25 * single, (together, single)
 
 
-def test_two_family_converts_are_byte_identical(family: list[Path], tmp_path: Path) -> None:
-    for name in ("a", "b"):
-        convert_family(family[:2], tmp_path / name)
-    for file in ("model.p1.onnx", "model.p2.onnx", DATA_FILE, "model.p2.onnx.data"):
-        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+def test_two_family_converts_are_byte_identical(family: list[Path], family_bundle: Path, tmp_path: Path) -> None:
+    """The fixture bundle was converted from the checkpoints in reverse order: order does not matter."""
+    again = tmp_path / "again"
+    convert_family(family, again)
+    graphs = [f"model.p{p}.onnx" for p in SIZES] + [DATA_FILE, "model.p2.onnx.data", "model.p4.onnx.data"]
+    for file in graphs:
+        assert (again / file).read_bytes() == (family_bundle / file).read_bytes(), file
 
 
 def test_changed_backbone_tensor_is_refused_and_leaves_nothing(family: list[Path], tmp_path: Path, capsys) -> None:
@@ -215,3 +218,18 @@ def test_quantized_family_shares_quantized_weights(family: list[Path], tmp_path:
     assert own_p4 < 0.5 * (single / DATA_FILE).stat().st_size, "the quantized backbone lives in the shared file"
     for a, b in zip(logits_over_steps(Runtime(out, parallel=4)), logits_over_steps(Runtime(single)), strict=True):
         assert np.abs(a - b).max() <= SAME
+
+
+def test_damaged_family_bundle_is_one_clear_error(family_bundle: Path, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(family_bundle, broken)
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest | {"parallel": ["4"]}))
+    assert main(["generate", str(broken), "--input-ids", "1"]) == 2
+    assert "malformed family manifest" in capsys.readouterr().err
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (broken / DATA_FILE).unlink()
+    with pytest.raises(BundleError, match="shared weights are missing"):
+        load_family(broken)
+    assert main(["generate", str(broken), "--input-ids", "1", "--parallel", "2"]) == 2
+    assert "ONNX Runtime cannot load it" in capsys.readouterr().err
