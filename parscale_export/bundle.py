@@ -7,8 +7,8 @@ A bundle is:
 
 A family bundle (several P over one backbone, written by family.py) is:
   manifest.json                 FAMILY_FORMAT: the P's, the default P, and one member manifest per P
-  model.onnx.data               every weight two or more graphs use, stored once
-  model.p{P}.onnx, model.p{P}.onnx.data   the graph for P and what only it uses
+  model.onnx.data               the smallest P's weights (the backbone), stored once for every graph
+  model.p{P}.onnx, model.p{P}.onnx.data   the graph for P and what it has beyond those
   config.p{P}.json, generation_config.p{P}.json, tokenizer files
   genai-p{P}/genai_config.json  with --genai: onnxruntime-genai opens this folder for P
 """

@@ -1,13 +1,16 @@
 """Re-point several graphs' external data so that what they share is stored once.
 
 ONNX external data is a (location, offset, length) triple on each initializer, with location
-relative to the graph's own folder; nothing stops two graphs, or two initializers of one
-graph, from pointing at the same bytes. Shared payloads are recognised by content (dtype,
-shape and a sha256 of the bytes), not by name: the exporter names folded constants freely.
+relative to the graph's own folder; nothing stops two graphs, or two initializers of one graph,
+from pointing at the same bytes. Shared payloads are recognised by content (dtype, shape and a
+sha256 of the bytes), not by name: the exporter names folded constants freely.
 
-Each member folder holds an ordinary bundle (model.onnx + model.onnx.data). The result in
-`out_dir`: model.p{P}.onnx per member, SHARED_DATA_FILE with every payload used by two or more
-members (the backbone), and model.p{P}.onnx.data with what only that member uses.
+Members arrive one at a time, each an ordinary bundle folder (model.onnx + model.onnx.data),
+smallest P first, and their folders can be deleted as soon as they are stored, so converting
+needs the shared file plus one member's bundle of disk, not every member at once:
+  SHARED_DATA_FILE       the first member's payloads (for a family with P=1: exactly the backbone)
+  model.p{P}.onnx.data   what a later member holds that the first does not (prefixes, aggregation)
+  model.p{P}.onnx        each member's graph, pointing into those two files
 Payloads are written in member order, then graph order, so two merges give identical bytes.
 """
 
@@ -24,44 +27,40 @@ from .bundle import DATA_FILE, MODEL_FILE, SHARED_DATA_FILE, member_file
 ALIGN = 64  # byte alignment of each payload, as the quantizer writes them
 
 
-def merge_members(members: dict[int, Path], out_dir: Path) -> dict[int, dict]:
-    """Write the merged graphs and data files; returns each member's manifest `files` entry."""
-    protos = {p: onnx.load(str(folder / MODEL_FILE), load_external_data=False) for p, folder in members.items()}
-    users: dict[str, set[int]] = {}
-    for p, proto in protos.items():
-        with (members[p] / DATA_FILE).open("rb") as source:
-            for tensor in _external(proto):
-                users.setdefault(_key(tensor, _payload(tensor, source)), set()).add(p)
+class SharedStore:
+    """Writes a family's graphs and data files into `out_dir`, one member at a time."""
 
-    written: dict[str, tuple[int, int]] = {}  # key -> (offset, length) in the shared file
-    files = {}
-    with (out_dir / SHARED_DATA_FILE).open("wb") as shared:
-        for p, proto in protos.items():
-            own_name = member_file(DATA_FILE, p)
-            with (members[p] / DATA_FILE).open("rb") as source, (out_dir / own_name).open("wb") as own:
-                for tensor in _external(proto):
-                    payload = _payload(tensor, source)
-                    key = _key(tensor, payload)
-                    if len(users[key]) == 1:
-                        _point(tensor, own_name, _append(own, payload), len(payload))
-                        continue
-                    if key not in written:
-                        written[key] = (_append(shared, payload), len(payload))
-                    _point(tensor, SHARED_DATA_FILE, *written[key])
-                has_own = own.tell() > 0
-            data = [SHARED_DATA_FILE]
-            if has_own:
-                data.append(own_name)
-            else:
-                (out_dir / own_name).unlink()
-            model_name = member_file(MODEL_FILE, p)
-            onnx.save(proto, str(out_dir / model_name))
-            files[p] = {"model": model_name, "external_data": data}
-    return files
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.stored: dict[str, tuple[int, int]] = {}  # payload key -> (offset, length) in the shared file
 
-
-def _external(proto: onnx.ModelProto) -> list[TensorProto]:
-    return [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    def add(self, parallel: int, folder: Path) -> dict:
+        """Store the bundle in `folder` as member P = `parallel`; returns its manifest `files` entry."""
+        first = not self.stored
+        proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+        own_name = member_file(DATA_FILE, parallel)
+        with (
+            (folder / DATA_FILE).open("rb") as source,
+            (self.out_dir / SHARED_DATA_FILE).open("ab") as shared,
+            (self.out_dir / own_name).open("wb") as own,
+        ):
+            for tensor in proto.graph.initializer:
+                if tensor.data_location != TensorProto.EXTERNAL:
+                    continue
+                payload = _payload(tensor, source)
+                key = _key(tensor, payload)
+                if key not in self.stored and first:
+                    self.stored[key] = (_append(shared, payload), len(payload))
+                if key in self.stored:
+                    _point(tensor, SHARED_DATA_FILE, *self.stored[key])
+                else:
+                    _point(tensor, own_name, _append(own, payload), len(payload))
+            has_own = own.tell() > 0
+        if not has_own:
+            (self.out_dir / own_name).unlink()
+        model_name = member_file(MODEL_FILE, parallel)
+        onnx.save(proto, str(self.out_dir / model_name))
+        return {"model": model_name, "external_data": [SHARED_DATA_FILE, *([own_name] if has_own else [])]}
 
 
 def _payload(tensor: TensorProto, source) -> bytes:

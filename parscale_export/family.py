@@ -4,7 +4,7 @@ The released ParScale-Qwen-3B-P2/P4/P8 models froze Qwen2.5-3B and trained only 
 and the aggregation MLP, so every other tensor is the same bytes in each. Before anything is
 written, `check_family` proves that, one tensor at a time (a 3B backbone never needs to be in
 memory twice); then each member is exported as an ordinary bundle inside the staging directory
-and `datafile.merge_members` stores every weight the graphs share once.
+and `datafile.SharedStore` keeps of it only what is not stored yet.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .bundle import (
 )
 from .checkpoint import expected_shapes, weight_files
 from .config import ModelConfig, load_config
-from .datafile import merge_members
+from .datafile import SharedStore
 from .errors import CheckpointError, ConfigError, OutputError
 from .export import ConvertResult, Log, _check_target, _move_into_place, _staging_dir, convert
 from .genai import GENAI_CONFIG
@@ -141,31 +141,33 @@ def convert_family(
     sizes = [m.config.parscale_n for m in members]
     log(f"  they do: P = {', '.join(map(str, sizes))}")
     with _staging_dir(out_dir) as staging:
-        parts = staging / "members"
-        parts.mkdir()
+        store = SharedStore(staging)
         manifests = {}
+        default = sizes[-1]
+        shared_files: list[str] = []
         for m in members:
             p = m.config.parscale_n
             log(f"exporting P={p} from {m.checkpoint}")
+            part = staging / f".member-p{p}"
             options = dict(dtype=dtype, genai=genai, quantize=quantize)
-            convert(m.checkpoint, parts / f"p{p}", **options, log=lambda s: log("  " + s))
-            manifests[p] = read_json_object(parts / f"p{p}" / MANIFEST_FILE, OutputError)
-        log("storing the shared weights once")
-        stored = merge_members({p: parts / f"p{p}" for p in sizes}, staging)
-        default = sizes[-1]
-        for p in sizes:
+            convert(m.checkpoint, part, **options, log=lambda s: log("  " + s))
+            manifests[p] = read_json_object(part / MANIFEST_FILE, OutputError)
+            log(f"  storing P={p}'s weights beside those already stored")
+            manifests[p]["files"] = store.add(p, part)
             for name in PER_MEMBER_FILES:
-                if (parts / f"p{p}" / name).is_file():
-                    shutil.copyfile(parts / f"p{p}" / name, staging / member_file(name, p))
-            manifests[p]["files"] = stored[p]
-        shared_files = [n for n in COPIED_FILES if n not in PER_MEMBER_FILES and (parts / f"p{default}" / n).is_file()]
-        for name in shared_files:
-            shutil.copyfile(parts / f"p{default}" / name, staging / name)
+                if (part / name).is_file():
+                    shutil.copyfile(part / name, staging / member_file(name, p))
+            if p == default:  # the tokenizer, once: the default member's
+                shared_files = [n for n in COPIED_FILES if n not in PER_MEMBER_FILES and (part / n).is_file()]
+                for name in shared_files:
+                    shutil.copyfile(part / name, staging / name)
+            if genai:
+                shutil.copyfile(part / GENAI_CONFIG, staging / member_file(GENAI_CONFIG, p))
+            shutil.rmtree(part)  # free its disk before the next export
         if genai:
             for p in sizes:
-                linked = [stored[p]["model"], *stored[p]["external_data"], *shared_files]
-                _genai_folder(parts / f"p{p}", staging, p, linked, log)
-        shutil.rmtree(parts)
+                linked = [manifests[p]["files"]["model"], *manifests[p]["files"]["external_data"], *shared_files]
+                _genai_folder(staging, p, linked, log)
         manifest = {
             "format": FAMILY_FORMAT,
             "parallel": sizes,
@@ -179,13 +181,13 @@ def convert_family(
     return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=members[-1].config)
 
 
-def _genai_folder(member: Path, staging: Path, parallel: int, files: list[str], log: Log) -> None:
+def _genai_folder(staging: Path, parallel: int, files: list[str], log: Log) -> None:
     """genai-p{P}/: genai_config.json and hard links to the graph for P, its data files and the
     tokenizer. genai refuses a filename with "..", and ONNX Runtime refuses external data outside
     the graph's folder (symbolic links included), so the folder holds links to the same bytes."""
     folder = staging / genai_folder(parallel)
     folder.mkdir()
-    shutil.copyfile(member / GENAI_CONFIG, folder / GENAI_CONFIG)  # its filename is model.onnx
+    (staging / member_file(GENAI_CONFIG, parallel)).rename(folder / GENAI_CONFIG)  # names model.onnx
     copied = []
     for name in files:
         target = MODEL_FILE if name == member_file(MODEL_FILE, parallel) else name
