@@ -7,7 +7,7 @@ greedy run on every session) and prints the ratios to the single P=8 session. It
 decoding (batch 1, 64-token prompt, 32 steps, best of 3) in each case: sharing turns off ONNX
 Runtime's weight prepacking, which would give every session a private packed copy.
 
-Usage: python scripts/family_memory.py [--work build/family-memory] [--threads 2]
+Usage: python scripts/family_memory.py [--work build/family-memory] [--threads 2] [--quantize int4]
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ SIZES = (1, 2, 4, 8)
 CASES = {
     "single P=8 bundle, one session": "single",
     "family, P=8 only (shared weights)": "family-p8",
-    "family, P=1,2,4,8 with shared weights": "shared",
+    "family, P=1,2,4,8 with shared weights (default)": "shared",
+    "family, P=1,2,4,8 with shared weights, prepacking off": "shared-unpacked",
     "family, P=1,2,4,8 with shared weights + prepacking": "shared-prepacked",
     "family, P=1,2,4,8 as separate sessions": "separate",
 }
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, quantize: str | None) -> None:
     from parscale_export.export import convert
     from parscale_export.family import convert_family
     from parscale_export.synthetic import parscale_config, write_family
@@ -38,8 +39,8 @@ def prepare(work: Path) -> None:
     if (work / "family").is_dir() and (work / "single-p8").is_dir():
         return
     checkpoints = write_family(work / "checkpoints", parscale_config(**SHAPE), SIZES, seed=11)
-    convert(work / "checkpoints" / "p8", work / "single-p8", force=True)
-    convert_family(checkpoints, work / "family", force=True)
+    convert(work / "checkpoints" / "p8", work / "single-p8", force=True, quantize=quantize)
+    convert_family(checkpoints, work / "family", force=True, quantize=quantize)
 
 
 def child(case: str, work: Path, threads: int) -> dict:
@@ -57,6 +58,9 @@ def child(case: str, work: Path, threads: int) -> dict:
         runtimes = load_family(family, [8], threads=threads)
     elif case == "shared":
         runtimes = load_family(family, threads=threads)
+    elif case == "shared-unpacked":
+        shared = SharedWeights(family, prepacking=False)
+        runtimes = {p: Runtime(family, threads=threads, parallel=p, shared=shared) for p in SIZES}
     elif case == "shared-prepacked":
         shared = SharedWeights(family, prepacking=True)
         runtimes = {p: Runtime(family, threads=threads, parallel=p, shared=shared) for p in SIZES}
@@ -83,12 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("build/family-memory"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="measure quantized bundles (use another --work)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.work, args.threads)))
         return
-    prepare(args.work)
+    prepare(args.work, args.quantize)
     sizes = {p.name: p.stat().st_size for d in ("single-p8", "family") for p in (args.work / d).iterdir()}
     single_disk = sum(p.stat().st_size for p in (args.work / "single-p8").iterdir())
     family_disk = sum(p.stat().st_size for p in (args.work / "family").iterdir())
