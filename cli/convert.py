@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from parscale_export.bundle import read_manifest
 from parscale_export.export import EXPORT_DTYPES, convert
 from parscale_export.family import convert_family
 from parscale_export.quantize import BITS
@@ -87,7 +88,8 @@ def convert_command(
         typer.echo(f"  {name:28s} {_size(size):>10s}")
     c = result.config
     if len(checkpoints) > 1:
-        typer.echo(f"a family of {len(checkpoints)} graphs over one backbone; the largest P is the default:")
+        sizes = ", ".join(map(str, read_manifest(result.out_dir).family))
+        typer.echo(f"family: P = {sizes} over one backbone; choose with --parallel, default (the largest):")
     typer.echo(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
         f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}"

@@ -152,6 +152,13 @@ def test_disagreeing_configs_and_repeated_p_are_refused(family: list[Path], tmp_
     assert not out.exists()
 
 
+def test_cli_converts_a_family(family: list[Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "family"
+    assert main(["convert", str(family[1]), str(family[0]), "-o", str(out)]) == 0
+    assert "family: P = 1, 2 over one backbone" in capsys.readouterr().out
+    assert read_manifest(out).family == (1, 2)
+
+
 def test_cli_switches_p(family_bundle: Path, capsys) -> None:
     assert main(["generate", str(family_bundle), "--input-ids", "1 2 3", "-n", "3", "--json"]) == 0
     captured = capsys.readouterr()
