@@ -20,7 +20,10 @@ from .validate import Provider
 
 def bench_command(
     bundles: Annotated[
-        list[Path], typer.Argument(help="One or more bundles; several with different P give a P-scaling table.")
+        list[Path],
+        typer.Argument(
+            help="One or more bundles; several with different P, or one family bundle, give a P-scaling table."
+        ),
     ],
     checkpoint: Annotated[
         Path | None,
@@ -38,6 +41,10 @@ def bench_command(
     reference: Annotated[
         bool, typer.Option(help="Also time the PyTorch reference (--no-reference: ONNX Runtime only).")
     ] = True,
+    parallel: Annotated[
+        list[int] | None,
+        typer.Option(min=1, help="For a family bundle: the P to measure; repeat the option. Default: every P."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as one JSON object.")] = False,
 ) -> None:
     """Time prefill and greedy decode: ONNX Runtime vs the PyTorch reference, in one run.
@@ -49,20 +56,32 @@ def bench_command(
     Example:
 
         parscale-export bench ./bundle-p1 ./bundle-p4 ./bundle-p8 --batch 1 --batch 8
+
+        parscale-export bench ./family --batch 1
     """
-    if checkpoint and len(bundles) > 1:
-        raise UsageError("--checkpoint applies to one bundle; with several, each uses its manifest's source")
+    runs: list[tuple[Path, int | None]] = []  # (bundle, P of a family bundle or None)
     for path in bundles:
-        read_manifest(path)  # fail early, with the usual message, on a bad bundle
+        manifest = read_manifest(path)  # fail early, with the usual message, on a bad bundle
+        if manifest.family:
+            for size in parallel or manifest.family:
+                read_manifest(path, size)
+                runs.append((path, size))
+        else:
+            runs.append((path, None))
+    if checkpoint and len(runs) > 1:
+        raise UsageError("--checkpoint applies to one bundle; with several, each uses its manifest's source")
     batches = batch or [1, 4]
     ort_provider = resolve_provider(provider.value)
     log = (lambda _: None) if as_json else (lambda m: typer.echo(m, err=True))
     results: list[Measurement] = []
-    for path in bundles:
+    for path, member in runs:
+        where = f"{path} P={member}" if member else str(path)
         for size in batches:
             for engine in ("onnxruntime", "pytorch") if reference else ("onnxruntime",):
-                log(f"measuring {engine} on {path} (batch {size})")
-                results.append(measure(engine, path, checkpoint, size, prompt_length, steps, threads, ort_provider))
+                log(f"measuring {engine} on {where} (batch {size})")
+                results.append(
+                    measure(engine, path, checkpoint, size, prompt_length, steps, threads, ort_provider, member)
+                )
     machine = {
         "device": device_name(ort_provider),
         "cpu_count": os.cpu_count(),

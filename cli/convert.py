@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
+from parscale_export.bundle import read_manifest
 from parscale_export.export import EXPORT_DTYPES, convert
+from parscale_export.family import convert_family
 from parscale_export.quantize import BITS
 
 # Choices derived from the library's own tables, so the CLI cannot drift from what convert accepts.
@@ -18,10 +20,12 @@ Quantization = StrEnum("Quantization", list(BITS))
 
 
 def convert_command(
-    checkpoint: Annotated[
-        Path,
+    checkpoints: Annotated[
+        list[Path],
         typer.Argument(
-            help="Local checkpoint directory: config.json plus model.safetensors, or shards with their index."
+            help="Local checkpoint directory: config.json plus model.safetensors, or shards with their index. "
+            "Several checkpoints that share a backbone (each with its own P) make one family bundle.",
+            show_default=False,
         ),
     ],
     output: Annotated[
@@ -58,17 +62,24 @@ def convert_command(
 
     Nothing is downloaded and no code from the checkpoint runs: safetensors only.
 
-    Example:
+    Several checkpoints whose tensors, but for the prefixes and the aggregation layer, are
+    bit-for-bit equal become one family bundle: the backbone stored once, one graph per P.
+    Choose the P at run time with --parallel (default: the largest).
+
+    Examples:
 
       parscale-export convert ./ParScale-1.8B-P8 -o ./bundle-p8 --dtype fp16
+
+      parscale-export convert ./Qwen2.5-3B ./ParScale-Qwen-3B-P2-Python ./ParScale-Qwen-3B-P4-Python -o ./family
     """
     start = time.perf_counter()
 
     def log(message: str) -> None:
         typer.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
-    result = convert(
-        checkpoint,
+    run = convert if len(checkpoints) == 1 else convert_family
+    result = run(
+        checkpoints[0] if len(checkpoints) == 1 else checkpoints,
         output,
         dtype=dtype.value,
         force=force,
@@ -80,6 +91,9 @@ def convert_command(
     for name, size in result.files.items():
         typer.echo(f"  {name:28s} {_size(size):>10s}")
     c = result.config
+    if len(checkpoints) > 1:
+        sizes = ", ".join(map(str, read_manifest(result.out_dir).family))
+        typer.echo(f"family: P = {sizes} over one backbone; choose with --parallel, default (the largest):")
     typer.echo(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
         f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}"

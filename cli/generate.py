@@ -36,6 +36,9 @@ def generate_command(
     ] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling: the same seed gives the same tokens.")] = None,
     provider: Annotated[Provider, typer.Option(help="auto: CUDA when usable, else CPU.")] = Provider.auto,
+    parallel: Annotated[
+        int | None, typer.Option(min=1, help="For a family bundle: the P to run (default: its largest).")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: tokens (and text) per prompt.")
     ] = False,
@@ -53,7 +56,10 @@ def generate_command(
     """
     if bool(prompt) == bool(input_ids):
         raise UsageError("give either --prompt or --input-ids (each may be repeated for a batch)")
-    runtime = Runtime(bundle, provider=provider.value)
+    runtime = Runtime(bundle, provider=provider.value, parallel=parallel)
+    if runtime.manifest.family and parallel is None:
+        sizes = ", ".join(map(str, runtime.manifest.family))
+        typer.echo(f"note: {bundle} holds P = {sizes}; running P={runtime.contract.parscale_n} (--parallel)", err=True)
     tokenizer = load_tokenizer(bundle)
     if prompt:
         if tokenizer is None:

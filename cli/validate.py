@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from parscale_export.bundle import read_manifest
-from parscale_export.errors import OutputError, ValidationFailed
+from parscale_export.errors import OutputError, UsageError, ValidationFailed
 from parscale_export.validate import Report, Settings, default_thresholds, run_validation
 
 EP = "ExecutionProvider"
@@ -46,6 +46,9 @@ def validate_command(
     prompt_length: Annotated[int, typer.Option(min=2, help="Tokens per prompt, padding included.")] = 12,
     decode_steps: Annotated[int, typer.Option(min=1, help="Greedy decode steps after the prefill.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    parallel: Annotated[
+        int | None, typer.Option(min=1, help="For a family bundle: validate this P only (default: every P).")
+    ] = None,
 ) -> None:
     """Check that a bundle computes what the PyTorch reference computes.
 
@@ -58,31 +61,46 @@ def validate_command(
 
         parscale-export validate ./bundle --provider cuda --report report.json
     """
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, parallel)
+    sizes = [parallel] if parallel or not manifest.family else list(manifest.family)
+    if checkpoint and len(sizes) > 1:
+        raise UsageError("--checkpoint applies to one P of a family bundle; add --parallel")
     limits = default_thresholds(manifest)
     overrides = {"max_abs": atol, "min_top1": min_top1, "min_cosine": min_cosine}
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     settings = Settings(batch=batch, prompt_length=prompt_length, decode_steps=decode_steps, seed=seed)
 
-    result = run_validation(bundle, checkpoint, provider.value, settings, limits, log=lambda m: typer.echo(m, err=True))
-    _print_table(result)
+    results = []
+    for size in sizes:
+        if manifest.family:
+            typer.echo(f"== P={size}")
+        result = run_validation(
+            bundle, checkpoint, provider.value, settings, limits, log=lambda m: typer.echo(m, err=True), parallel=size
+        )
+        _print_table(result)
+        results.append(result)
     if report:
+        data = results[0].to_dict() if not manifest.family else {"members": [r.to_dict() for r in results]}
         try:
-            report.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+            report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise OutputError(f"{report}: cannot write the report ({exc.strerror})") from None
         typer.echo(f"report: {report}")
-    where = f"{result.provider.upper()} ({result.device})"
-    if result.provider == "cpu":
+    where = f"{results[0].provider.upper()} ({results[0].device})"
+    if results[0].provider == "cpu":
         where += ", not CUDA"
-    if not result.passed:
-        reasons = [f"{p.name}: {'; '.join(p.failures)}" for p in result.phases if not p.passed]
-        reasons += [f"contract: {c}" for c in result.contract_problems]
-        reasons += [f"placement: {c}" for c in result.placement_problems]
+    label = {r.parscale_n: f"P={r.parscale_n} " if manifest.family else "" for r in results}
+    reasons = [
+        f"{label[r.parscale_n]}{p.name}: {'; '.join(p.failures)}" for r in results for p in r.phases if not p.passed
+    ]
+    reasons += [f"{label[r.parscale_n]}contract: {c}" for r in results for c in r.contract_problems]
+    reasons += [f"{label[r.parscale_n]}placement: {c}" for r in results for c in r.placement_problems]
+    if reasons:
         typer.echo(f"FAIL on {where}")
         raise ValidationFailed("validation failed: " + " | ".join(reasons))
-    kind = result.quantization or result.dtype
-    typer.echo(f"PASS on {where}: the bundle matches the PyTorch reference ({kind} thresholds)")
+    kind = results[0].quantization or results[0].dtype
+    what = "the bundle matches" if not manifest.family else f"every P ({', '.join(map(str, sizes))}) matches"
+    typer.echo(f"PASS on {where}: {what} the PyTorch reference ({kind} thresholds)")
 
 
 def _print_table(report: Report) -> None:

@@ -89,11 +89,13 @@ def measure(
     steps: int = 32,
     threads: int = 2,
     provider: str = "cpu",
+    parallel: int | None = None,
 ) -> Measurement:
     """Measure in a fresh Python process, so peak memory and import cost belong to this engine
-    alone (the ONNX Runtime side never imports torch)."""
+    alone (the ONNX Runtime side never imports torch). `parallel` picks one P of a family bundle."""
     job = dict(engine=engine, bundle=str(bundle), checkpoint=str(checkpoint) if checkpoint else None, batch=batch,
-               prompt_length=prompt_length, steps=steps, threads=threads, provider=provider)  # fmt: skip
+               prompt_length=prompt_length, steps=steps, threads=threads, provider=provider,
+               parallel=parallel)  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "parscale_export.bench", json.dumps(job)], capture_output=True, text=True, check=False
     )
@@ -111,11 +113,13 @@ def _worker(job: dict) -> dict:
 
     from .bundle import read_manifest
 
-    manifest = read_manifest(Path(job["bundle"]))
+    manifest = read_manifest(Path(job["bundle"]), job["parallel"])
     if job["engine"] == "onnxruntime":
         from .runtime import Runtime
 
-        stepper: Stepper = Runtime(Path(job["bundle"]), provider=job["provider"], threads=job["threads"])
+        stepper: Stepper = Runtime(
+            Path(job["bundle"]), provider=job["provider"], threads=job["threads"], parallel=job["parallel"]
+        )
     else:
         import torch
 

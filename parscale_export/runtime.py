@@ -19,6 +19,7 @@ import onnxruntime as ort
 from .bundle import Manifest, read_manifest
 from .errors import BundleError, ProviderError
 from .placement import Placement, read_placement
+from .sharing import SharedWeights
 from .stepping import Stepper, positions
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -94,7 +95,8 @@ def resolve_provider(provider: str) -> str:
 
 
 class Runtime(Stepper):
-    """An ONNX Runtime session over one bundle.
+    """An ONNX Runtime session over one bundle, or over one P of a family bundle (`parallel`;
+    default: its largest P). Sessions given the same `shared` weights hold the backbone once.
 
     `profile` records the session's node placement until `placement()` is called (validate
     uses it to prove where the heavy nodes ran); `tf32` allows TF32 math on CUDA."""
@@ -104,10 +106,12 @@ class Runtime(Stepper):
         bundle_dir: Path,
         provider: str = "cpu",
         threads: int | None = None,
+        parallel: int | None = None,
+        shared: SharedWeights | None = None,
         tf32: bool = False,
         profile: bool = False,
     ) -> None:
-        self.manifest: Manifest = read_manifest(bundle_dir)
+        self.manifest: Manifest = read_manifest(bundle_dir, parallel)
         self.contract = self.manifest.contract
         self.provider = resolve_provider(provider)
         if self.contract.dtype == "bfloat16" and self.provider != "cuda":
@@ -120,6 +124,9 @@ class Runtime(Stepper):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        self.shared = shared  # the session reads its weights' memory: keep it alive as long as the session
+        if shared is not None:
+            shared.add_to(options, self.manifest.model_path)
         self._profile_dir = Path(tempfile.mkdtemp(prefix="parscale-profile-")) if profile else None
         if self._profile_dir:
             options.enable_profiling = True
@@ -193,3 +200,14 @@ class Runtime(Stepper):
         finally:
             shutil.rmtree(self._profile_dir, ignore_errors=True)
             self._profile_dir = None
+
+
+def load_family(
+    bundle_dir: Path, sizes: list[int] | None = None, provider: str = "cpu", threads: int | None = None
+) -> dict[int, Runtime]:
+    """A Runtime per P of a family bundle (every P by default), all over one copy of the backbone."""
+    manifest = read_manifest(bundle_dir)
+    if not manifest.family:
+        raise BundleError(f"{bundle_dir}: not a family bundle (it holds P={manifest.contract.parscale_n} only)")
+    shared = SharedWeights(bundle_dir)
+    return {p: Runtime(bundle_dir, provider, threads, parallel=p, shared=shared) for p in sizes or manifest.family}

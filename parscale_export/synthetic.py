@@ -83,13 +83,16 @@ def write_checkpoint(
     seed: int = 0,
     shards: int = 1,
     generation_config: dict[str, Any] | None = None,
+    backbone: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write config.json, weights (in the config's torch_dtype; sharded with an index when
-    `shards` > 1) and a generation_config.json. Returns the directory."""
+    `shards` > 1) and a generation_config.json. Returns the directory. Tensors in `backbone`
+    replace the random ones of the same name (a family of checkpoints sharing a backbone)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[raw_config.get("torch_dtype", "float32")]
     weights = random_weights(raw_config, seed, dtype)
+    weights |= {name: tensor for name, tensor in (backbone or {}).items() if name in weights}
     (directory / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     gen = generation_config if generation_config is not None else {"eos_token_id": raw_config["vocab_size"] - 1}
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -107,3 +110,22 @@ def write_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return directory
+
+
+def plain_config(raw_config: dict[str, Any]) -> dict[str, Any]:
+    """The plain Qwen2 (P=1) config with the backbone of a ParScale config."""
+    plain = {k: v for k, v in raw_config.items() if not k.startswith("parscale_")}
+    return plain | {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+
+
+def write_family(root: Path, raw_config: dict[str, Any], sizes: tuple[int, ...], seed: int = 0) -> list[Path]:
+    """Checkpoints root/p{P} for each P in `sizes`, sharing one backbone drawn from `seed`: what
+    the released ParScale models are (a frozen Qwen2.5 with trained prefixes and aggregation).
+    P=1 is written as a plain Qwen2 checkpoint; each P's own tensors are drawn from seed + P."""
+    base = plain_config(raw_config)
+    backbone = random_weights(base, seed, DTYPES[base.get("torch_dtype", "float32")])
+    paths = []
+    for n in sizes:
+        config = base if n == 1 else raw_config | {"parscale_n": n}
+        paths.append(write_checkpoint(Path(root) / f"p{n}", config, seed=seed + n, backbone=backbone))
+    return paths

@@ -116,6 +116,7 @@ class Report:
     placement: dict[str, dict[str, int]]  # heavy op type -> provider -> node runs, from the prefill's profile
     placement_problems: list[str]  # heavy ops that ran somewhere other than the provider asked for
     versions: dict[str, str | None]
+    parscale_n: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -281,15 +282,18 @@ def run_validation(
     settings: Settings = Settings(),
     thresholds: Thresholds | None = None,
     log=lambda _: None,
+    parallel: int | None = None,
 ) -> Report:
-    manifest = read_manifest(bundle_dir)
+    """Validate one bundle, or the member P = `parallel` of a family bundle (default: its largest)."""
+    manifest = read_manifest(bundle_dir, parallel)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else manifest.source_checkpoint
     if checkpoint_dir is None:
         raise BundleError(f"{bundle_dir}: manifest records no source checkpoint; pass --checkpoint")
     _check_same_shape(manifest.raw.get("model", {}), load_config(checkpoint_dir), checkpoint_dir)
     limits = thresholds or default_thresholds(manifest)
 
-    runtime = Runtime(bundle_dir, provider=provider, profile=True)
+    member = manifest.contract.parscale_n if manifest.family else None
+    runtime = Runtime(bundle_dir, provider=provider, parallel=member, profile=True)
     log(f"ONNX Runtime provider: {runtime.provider.upper()}")
     if runtime.provider == "cpu" and provider == "auto":
         log(CPU_FALLBACK_WARNING)
@@ -315,6 +319,7 @@ def run_validation(
         placement=summary(placement),
         placement_problems=misplaced(placement, PROVIDER_NAMES[runtime.provider]),
         versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
+        parscale_n=manifest.contract.parscale_n,
     )
 
 

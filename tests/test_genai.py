@@ -80,3 +80,21 @@ def test_genai_engine_batches_requests_exactly(name: str, flags: tuple, genai_bu
     result = genai_engine(genai_bundles[name], prompts, [10, 4, 10, 6], *flags)
     assert [len(t) for t in result["engine"]] == [10, 4, 10, 6]
     assert result["engine"] == result["alone"]
+
+
+def test_genai_runs_every_p_of_a_family(tmp_path) -> None:
+    """Each genai-p{P}/ folder of a family bundle loads in genai as it is, gives our runtime's
+    greedy tokens for that P, and holds hard links to the family's files, not copies."""
+    from parscale_export.family import convert_family
+    from parscale_export.synthetic import parscale_config, write_family
+
+    family = write_family(tmp_path / "ckpts", parscale_config(parscale_n_tokens=8), (1, 2), seed=4)
+    out = tmp_path / "family"
+    convert_family(family, out, genai=True)
+    ids = [5, 17, 42, 99]
+    for size in (1, 2):
+        folder = out / f"genai-p{size}"
+        assert (folder / "model.onnx.data").stat().st_ino == (out / "model.onnx.data").stat().st_ino
+        ours = Runtime(out, parallel=size).greedy(np.array([ids]), np.ones((1, 4), np.int64), 6)[0].tolist()
+        theirs = genai_greedy(folder, ids, 6)
+        assert theirs == ours[: len(theirs)] and len(theirs) >= 1
