@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (under 5 minutes on one H200): install onnxruntime-gpu from carried
 # parts, convert the tiny fixture (fp16, fp32) and a mid-size checkpoint (P=1 and P=4, fp16),
-# validate each on CUDA, and time decoding. Results go to stdout and to $OUT (reports).
+# validate each on CUDA, a family bundle (every P, and shared weights), and time decoding. Results go to stdout and to $OUT (reports).
 #
 # The GPU machine has python3 3.12 with torch (CUDA 13), onnx, onnxscript, transformers, typer
 # and a CPU-only onnxruntime, and no network. Carry onnxruntime-gpu first: see gpu_wheel.sh.
@@ -51,6 +51,31 @@ for spec in "fixtures/tiny-parscale fp16 tiny-fp16" "fixtures/tiny-parscale fp32
     echo "== validate $3 on $PROVIDER"
     cli validate "$WORK/$3" --provider "$PROVIDER" --report "$OUT/$3.json" || status=$?
 done
+
+echo "== family bundle: P=1,2,4 over one backbone (fp16), every P validated, then shared weights"
+"$PYTHON" - "$WORK" <<'PY'
+import sys
+from pathlib import Path
+from parscale_export.synthetic import parscale_config, write_family
+write_family(Path(sys.argv[1]) / "fam", parscale_config(parscale_n_tokens=8, vocab_size=1024), (1, 2, 4), seed=5)
+PY
+cli convert "$WORK/fam/p1" "$WORK/fam/p2" "$WORK/fam/p4" -o "$WORK/fam-fp16" --dtype fp16 --force
+cli validate "$WORK/fam-fp16" --provider "$PROVIDER" --report "$OUT/fam-fp16.json" || status=$?
+"$PYTHON" - "$WORK/fam-fp16" "$PROVIDER" <<'PY' || status=$?
+import sys
+import numpy as np
+from parscale_export.runtime import Runtime, load_family
+bundle, provider = sys.argv[1], sys.argv[2]
+ids = np.random.default_rng(0).integers(0, 1024, size=(2, 9))
+mask = np.ones_like(ids)
+worst = 0.0
+for p, shared in load_family(bundle, provider=provider).items():
+    got, _ = shared.prefill(ids, mask)
+    want, _ = Runtime(bundle, provider=provider, parallel=p).prefill(ids, mask)
+    worst = max(worst, float(np.abs(got - want).max()))
+print(f"shared weights vs each P alone on {provider}: max |logit difference| {worst:.3g}")
+sys.exit(0 if worst <= 1e-3 else 1)
+PY
 
 echo "== decode speed on $PROVIDER (fp16, ONNX Runtime; IO binding keeps the cache on the GPU)"
 cli bench "$WORK/mid-p1-fp16" "$WORK/mid-p4-fp16" --batch 1 --batch 8 --provider "$PROVIDER" --no-reference
