@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (under 5 minutes on one H200): install onnxruntime-gpu from carried
 # parts, convert the tiny fixture (fp16, fp32) and a mid-size checkpoint (P=1 and P=4, fp16),
-# validate each on CUDA, a family bundle (every P, and shared weights), and time decoding. Results go to stdout and to $OUT (reports).
+# validate each on CUDA, check a family bundle (every P, and shared weights), and time
+# decoding. Results go to stdout and to $OUT (reports).
 #
 # The GPU machine has python3 3.12 with torch (CUDA 13), onnx, onnxscript, transformers, typer
 # and a CPU-only onnxruntime, and no network. Carry onnxruntime-gpu first: see gpu_wheel.sh.
