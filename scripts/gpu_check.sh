@@ -7,7 +7,8 @@
 #      (onnxruntime's preload_dlls looks only beside its own folder) and stops, loudly and with
 #      the loader's reason, when CUDA was asked for but cannot start;
 #   3. converts the tiny fixture (fp32, fp16, bf16) and a mid-size checkpoint (P=1, 4, 8, fp16),
-#      validates each on the provider (reports in $OUT), and times decoding for P=1/4/8.
+#      validates each on the provider (reports in $OUT), checks a fp16 family bundle (every P,
+#      and shared weights against each P alone), and times decoding for P=1/4/8.
 # The GPU machine's Python has torch (CUDA 13), onnx, onnxscript, typer, safetensors, numpy and
 # a CPU onnxruntime, and no registry. Dry run here (it cuts and carries a wheel for this Python):
 #   PROVIDER=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh
@@ -83,6 +84,31 @@ for spec in "fixtures/tiny-parscale fp32 tiny-fp32" "fixtures/tiny-parscale fp16
     fi
     cli validate "$WORK/$3" --provider "$PROVIDER" --report "$OUT/$3.json" || status=1
 done
+
+echo "== family bundle: P=1,2,4 over one backbone (fp16), every P validated, then shared weights"
+"$PYTHON" - "$WORK" <<'PY'
+import sys
+from pathlib import Path
+from parscale_export.synthetic import parscale_config, write_family
+write_family(Path(sys.argv[1]) / "fam", parscale_config(parscale_n_tokens=8, vocab_size=1024), (1, 2, 4), seed=5)
+PY
+cli convert "$WORK/fam/p1" "$WORK/fam/p2" "$WORK/fam/p4" -o "$WORK/fam-fp16" --dtype fp16 --force
+cli validate "$WORK/fam-fp16" --provider "$PROVIDER" --report "$OUT/fam-fp16.json" || status=1
+"$PYTHON" - "$WORK/fam-fp16" "$PROVIDER" <<'PY' || status=1
+import sys
+import numpy as np
+from parscale_export.runtime import Runtime, load_family
+bundle, provider = sys.argv[1], sys.argv[2]
+ids = np.random.default_rng(0).integers(0, 1024, size=(2, 9))
+mask = np.ones_like(ids)
+worst = 0.0
+for p, shared in load_family(bundle, provider=provider).items():
+    got, _ = shared.prefill(ids, mask)
+    want, _ = Runtime(bundle, provider=provider, parallel=p).prefill(ids, mask)
+    worst = max(worst, float(np.abs(got - want).max()))
+print(f"shared weights vs each P alone on {provider}: max |logit difference| {worst:.3g}")
+sys.exit(0 if worst <= 1e-3 else 1)
+PY
 
 echo "== decode speed on $PROVIDER (fp16, ONNX Runtime; IO binding keeps the cache on the device)"
 cli bench "$WORK/mid-p1-fp16" "$WORK/mid-p4-fp16" "$WORK/mid-p8-fp16" --batch 1 --batch 8 \
