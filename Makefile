@@ -11,7 +11,7 @@ setup: $(VENV)/.installed $(GENAI)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,serve]'
 	touch $@
 
 # onnxruntime-genai ships its own onnxruntime: it gets a virtual environment of its own.
