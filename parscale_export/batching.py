@@ -21,10 +21,11 @@ batcher's thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class Request:
 
     prompt: Sequence[int]
     max_tokens: int
-    sampling: Sampling = Sampling()
+    sampling: Sampling = field(default_factory=Sampling)
     ignore_eos: bool = False
     on_token: Callable[[int], None] = lambda _token: None
     on_finish: Callable[[str, str], None] = lambda _reason, _detail: None
@@ -93,10 +94,8 @@ class Ticket:
         if self.done:
             return
         self.finish_reason = reason
-        try:
+        with contextlib.suppress(Exception):  # the listener's own failure must not stop the batch
             self.request.on_finish(reason, detail)
-        except Exception:  # the listener's own failure must not stop the batch
-            pass
 
 
 class Batcher:

@@ -4,6 +4,8 @@ layouts; the batch really is shared; the queue bound holds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import CONFORMANCE, TINY
@@ -163,7 +165,8 @@ def test_engine_failure_fails_the_batch_and_serving_goes_on(bundle) -> None:
 
 @pytest.mark.parametrize("layout", ["rows", "heads"])
 def test_contract_moves_whole_sequences(layout: str) -> None:
-    contract = Contract(1, parscale_n=3, num_kv_heads=2, head_dim=4, vocab_size=10, dtype="float32", cache_layout=layout)
+    contract = Contract(1, parscale_n=3, num_kv_heads=2, head_dim=4, vocab_size=10, dtype="float32")
+    contract = dataclasses.replace(contract, cache_layout=layout)
     batch, length = 4, 5
     rows = np.arange(np.prod(contract.cache_shape(batch, length)), dtype=np.float32).reshape(
         contract.cache_shape(batch, length)
