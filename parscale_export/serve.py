@@ -38,6 +38,7 @@ from .completions import (
     error_body,
     parse_completion,
 )
+from .errors import ServeError
 from .runtime import Runtime
 from .text import TextStream, load_tokenizer
 
@@ -193,14 +194,19 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
     local = options.address is None
     cpus = max(os.cpu_count() or 1, math.ceil(options.replicas * options.replica_cpus))
     log("starting a local Ray instance" if local else f"joining the Ray cluster at {options.address}")
-    ray.init(
-        address="local" if local else options.address,  # "local": never attach to someone else's Ray by accident
-        num_cpus=cpus if local else None,
-        object_store_memory=LOCAL_OBJECT_STORE if local else None,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="warning",
-    )
+    try:
+        ray.init(
+            address="local" if local else options.address,  # "local": never attach to another Ray by accident
+            num_cpus=cpus if local else None,
+            object_store_memory=LOCAL_OBJECT_STORE if local else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="warning",
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "start a local Ray" if local else f"join the Ray cluster at {options.address}"
+        raise ServeError(f"cannot {where}: {reason}") from None
     # After ray.init, which installs its own SIGTERM handler: both signals unwind to `finally`.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
@@ -228,6 +234,8 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
                 serve.shutdown()
             else:
                 serve.delete(APP_NAME)
+                if not serve.status().applications:  # Serve runs nothing else: stop its proxies too
+                    serve.shutdown()
         finally:
             ray.shutdown()
 
