@@ -38,7 +38,7 @@ from .completions import (
     error_body,
     parse_completion,
 )
-from .errors import ServeError
+from .errors import BundleError, ServeError
 from .runtime import Runtime
 from .text import TextStream, load_tokenizer
 
@@ -189,7 +189,12 @@ class CompletionServer:
 def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> None:
     """Start (or join) Ray, run the application, block until SIGINT or SIGTERM, then stop what
     this call started: the application always, the local Ray instance when it started one."""
-    read_manifest(options.bundle)  # a bad bundle fails here, before any process starts
+    manifest = read_manifest(options.bundle)  # a bad bundle fails here, before any process starts
+    if manifest.contract.dtype == "bfloat16":
+        raise BundleError(
+            f"{options.bundle}: serve moves cache rows on the host between steps, and a bfloat16 cache has "
+            "no numpy type; convert with --dtype fp16 or fp32 to serve"
+        )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = options.address is None
     cpus = max(os.cpu_count() or 1, math.ceil(options.replicas * options.replica_cpus))
