@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV   := .venv
 GENAI  := .venv-genai
+OLDORT := .venv-ort-old
 BIN    := $(VENV)/bin
 DEMO   := build/demo-bundle
 
 .PHONY: setup demo test lint clean
 
-setup: $(VENV)/.installed $(GENAI)/.installed
+setup: $(VENV)/.installed $(GENAI)/.installed $(OLDORT)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,12 @@ $(GENAI)/.installed: constraints-genai.txt
 	$(GENAI)/bin/pip install --quiet --disable-pip-version-check -c constraints-genai.txt onnxruntime-genai numpy
 	touch $@
 
+# The oldest onnxruntime that runs `convert --opset 18` bundles, checked by tests/test_opset.py.
+$(OLDORT)/.installed: constraints-ort-old.txt
+	$(PYTHON) -m venv $(OLDORT)
+	$(OLDORT)/bin/pip install --quiet --disable-pip-version-check -c constraints-ort-old.txt onnxruntime numpy
+	touch $@
+
 demo: setup
 	$(BIN)/parscale-export convert fixtures/tiny-parscale -o $(DEMO) --force
 	$(BIN)/parscale-export validate $(DEMO)
@@ -30,7 +37,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	PARSCALE_GENAI_PYTHON=$(abspath $(GENAI))/bin/python $(BIN)/pytest -q -p no:cacheprovider
+	PARSCALE_GENAI_PYTHON=$(abspath $(GENAI))/bin/python PARSCALE_OLD_ORT_PYTHON=$(abspath $(OLDORT))/bin/python \
+		$(BIN)/pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
