@@ -39,7 +39,7 @@ from .completions import (
     parse_completion,
 )
 from .errors import BundleError, ServeError
-from .runtime import Runtime
+from .runtime import Runtime, resolve_provider
 from .text import TextStream, load_tokenizer
 
 APP_NAME = "parscale-export"
@@ -108,8 +108,12 @@ class _Reply:
                 ticket.cancel()
 
     async def whole(self) -> JSONResponse:
-        async for _ in self._events():
-            pass
+        events = self._events()
+        try:
+            async for _ in events:
+                pass
+        finally:  # a client that went away cancels its tickets now, not when the generator is collected
+            await events.aclose()
         failed = [t for t in self.tickets if t.finish_reason == ERROR]
         if failed:
             return JSONResponse(error_body("generation failed", None, "server_error"), status_code=500)
@@ -197,6 +201,8 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = options.address is None
+    if local:  # the replicas run here: a provider that cannot start fails now, with its reason
+        resolve_provider(options.provider)
     cpus = max(os.cpu_count() or 1, math.ceil(options.replicas * options.replica_cpus))
     log("starting a local Ray instance" if local else f"joining the Ray cluster at {options.address}")
     try:
@@ -209,9 +215,8 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
             logging_level="warning",
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "start a local Ray" if local else f"join the Ray cluster at {options.address}"
-        raise ServeError(f"cannot {where}: {reason}") from None
+        raise ServeError(f"cannot {where}: {_first_line(exc)}") from None
     # After ray.init, which installs its own SIGTERM handler: both signals unwind to `finally`.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
@@ -224,7 +229,10 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
             max_ongoing_requests=2 * (options.max_batch + options.max_queue) + 8,
         )
         log(f"starting {options.replicas} replica(s) of {options.name}")
-        serve.run(deployment.bind(options), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(deployment.bind(options), name=APP_NAME, route_prefix="/")
+        except Exception as exc:  # Ray reports a replica that failed to start in its own exception types
+            raise ServeError(f"the replicas did not start: {_first_line(exc)}") from None
         log(f"serving {options.name} on http://{options.host}:{options.port}/v1 (Ctrl-C or SIGTERM stops)")
         while True:
             time.sleep(3600)
@@ -247,3 +255,8 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
 
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,9 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import CONFORMANCE, TINY
+from parscale_export.cli.main import main
 
 from parscale_export.generate import Sampling, generate
-from parscale_export.runtime import Runtime
+from parscale_export.runtime import Runtime, cuda_available
 
 pytest.importorskip("ray.serve")
 
@@ -96,6 +97,15 @@ def server(request, bundle, tmp_path_factory):
 def offline(server: Server, prompt: list[int], max_tokens: int, sampling: Sampling = GREEDY) -> list[int]:
     manifest = server.runtime.manifest
     return generate(server.runtime, [prompt], max_tokens, manifest.eos_ids, sampling, manifest.pad_id)[0]
+
+
+def test_what_cannot_be_served_fails_before_ray_starts(bundle, tmp_path: Path, capsys) -> None:
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert main(["serve", str(bundle(TINY, "bf16")), "--in-session"]) == 2
+    assert "bfloat16" in capsys.readouterr().err
+    if not cuda_available():
+        assert main(["serve", str(bundle(TINY)), "--provider", "cuda", "--in-session"]) == 2
+        assert "CUDA requested" in capsys.readouterr().err
 
 
 def test_sixteen_concurrent_greedy_requests_get_the_offline_tokens(server: Server) -> None:
