@@ -179,12 +179,11 @@ class Batcher:
             if self._running:
                 self._decode()
             joining = self._prefill(admitted) if admitted else None
+            self._rebuild(admitted, joining)
         except Exception as exc:  # the engine failed: fail this batch, keep serving the next
             for ticket in [*self._running, *admitted]:
                 ticket._finish(ERROR, f"{type(exc).__name__}: {exc}")
             self._running, self._state = [], None
-            return True
-        self._rebuild(admitted, joining)
         return True
 
     def _decode(self) -> None:
