@@ -2,22 +2,29 @@
 PYTHON ?= python3
 VENV   := .venv
 GENAI  := .venv-genai
+OLDORT := .venv-ort-old
 BIN    := $(VENV)/bin
 DEMO   := build/demo-bundle
 
 .PHONY: setup demo test lint clean
 
-setup: $(VENV)/.installed $(GENAI)/.installed
+setup: $(VENV)/.installed $(GENAI)/.installed $(OLDORT)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,serve]'
 	touch $@
 
 # onnxruntime-genai ships its own onnxruntime: it gets a virtual environment of its own.
 $(GENAI)/.installed: constraints-genai.txt
 	$(PYTHON) -m venv $(GENAI)
 	$(GENAI)/bin/pip install --quiet --disable-pip-version-check -c constraints-genai.txt onnxruntime-genai numpy
+	touch $@
+
+# The oldest onnxruntime that runs `convert --opset 18` bundles, checked by tests/test_opset.py.
+$(OLDORT)/.installed: constraints-ort-old.txt
+	$(PYTHON) -m venv $(OLDORT)
+	$(OLDORT)/bin/pip install --quiet --disable-pip-version-check -c constraints-ort-old.txt onnxruntime numpy
 	touch $@
 
 # The demo model was trained on Python's own standard library (fixtures/tiny-python-p4/README.md),
@@ -32,7 +39,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	PARSCALE_GENAI_PYTHON=$(abspath $(GENAI))/bin/python $(BIN)/pytest -q -p no:cacheprovider
+	PARSCALE_GENAI_PYTHON=$(abspath $(GENAI))/bin/python PARSCALE_OLD_ORT_PYTHON=$(abspath $(OLDORT))/bin/python \
+		$(BIN)/pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -48,6 +48,15 @@ def convert_command(
         Quantization | None,
         typer.Option(help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits)."),
     ] = None,
+    opset: Annotated[
+        int,
+        typer.Option(
+            min=18,
+            max=23,
+            help="ONNX opset. 23: fused Attention and RMSNormalization (onnxruntime >= 1.23). 18-22: the same "
+            "model from MatMul, Softmax, ReduceMean... for older runtimes (18: onnxruntime >= 1.14).",
+        ),
+    ] = 23,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")
     ] = False,
@@ -85,6 +94,7 @@ def convert_command(
         force=force,
         genai=genai,
         quantize=quantize.value if quantize else None,
+        opset=opset,
         log=log,
     )
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")

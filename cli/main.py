@@ -19,6 +19,7 @@ from parscale_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, Pa
 from .bench import bench_command
 from .convert import convert_command
 from .generate import generate_command
+from .serve import serve_command
 from .validate import validate_command
 
 INTERRUPTED = "interrupted; nothing was left behind"
@@ -43,6 +44,7 @@ app.command("convert")(convert_command)
 app.command("validate")(validate_command)
 app.command("generate")(generate_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve_command)
 
 
 @app.callback()

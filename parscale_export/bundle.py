@@ -75,6 +75,16 @@ class Manifest:
         return self.raw.get("tokens", {}).get("eos_token_id", [])
 
     @property
+    def context_length(self) -> int | None:
+        """max_position_embeddings of the bundle's config.json: the longest sequence a server
+        accepts (None when the bundle does not say)."""
+        path = self.bundle_dir / "config.json"
+        if not path.is_file():
+            return None
+        value = read_json_object(path, BundleError).get("max_position_embeddings")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    @property
     def pad_id(self) -> int:
         tokens = self.raw.get("tokens", {})
         return next(iter(tokens.get("pad_token_id", []) + tokens.get("eos_token_id", [])), 0)

@@ -20,6 +20,7 @@ max(past_sequence, total_sequence) slots. With left padding that is exactly vers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ ORT_TYPES = {
     "tensor(bfloat16)": "bfloat16",
 }
 
+# The cache's length axis: the same in both layouts.
+LENGTH_AXIS = 2
 # Symbolic axis names, as written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL, ROWS = "batch", "sequence", "past_sequence", "total_sequence", "cache_rows"
 
@@ -101,6 +104,29 @@ class Contract:
         """A zero-length cache for `batch` sequences: the first call's past."""
         return [np.zeros(self.cache_shape(batch, 0), dtype=self.np_dtype) for _ in self.past_names()]
 
+    def sequence_rows(self, sequences: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Indices along a cache tensor's first axis that hold `sequences`, in their order:
+        rows b*P ... b*P+P-1 for the "rows" layout, index b for the "heads" layout."""
+        sequences = np.asarray(sequences, dtype=np.int64)
+        if self.cache_layout == "heads":
+            return sequences
+        return (sequences[:, None] * self.parscale_n + np.arange(self.parscale_n)).reshape(-1)
+
+    def take_sequences(self, past: list[np.ndarray], sequences: Sequence[int], length: int) -> list[np.ndarray]:
+        """The cache of `sequences` alone (in that order), keeping its last `length` positions.
+        Continuous batching drops finished sequences and the left columns nobody needs any more."""
+        rows = self.sequence_rows(sequences)
+        return [np.ascontiguousarray(t[rows, :, t.shape[LENGTH_AXIS] - length :]) for t in past]
+
+    def join_sequences(self, pasts: Sequence[list[np.ndarray]], length: int) -> list[np.ndarray]:
+        """Several batches' caches as one batch (their sequences in order), each left-padded with
+        zeros to `length` positions; the attention mask must mark the padding 0, so it adds nothing."""
+        joined = []
+        for tensors in zip(*pasts, strict=True):
+            padded = [_pad_left(t, length) for t in tensors]
+            joined.append(np.concatenate(padded, axis=0))
+        return joined
+
     def check_outputs(self, outputs: dict[str, np.ndarray], batch: int, seq: int, past: int) -> list[str]:
         """Every way `outputs` breaks the contract for one call; empty when it holds."""
         sizes = {BATCH: batch, SEQUENCE: seq, PAST: past, TOTAL: past + seq, ROWS: self.parscale_n * batch}
@@ -135,3 +161,12 @@ class Contract:
         if contract.cache_layout not in CACHE_LAYOUTS:
             raise BundleError(f"manifest names cache layout {contract.cache_layout!r}")
         return contract
+
+
+def _pad_left(tensor: np.ndarray, length: int) -> np.ndarray:
+    missing = length - tensor.shape[LENGTH_AXIS]
+    if missing < 0:
+        raise ValueError(f"cache of length {tensor.shape[LENGTH_AXIS]} does not fit in {length}")
+    widths = [(0, 0)] * tensor.ndim
+    widths[LENGTH_AXIS] = (missing, 0)
+    return np.pad(tensor, widths) if missing else tensor

@@ -42,6 +42,10 @@ class UsageError(ParScaleExportError):
     """Options or arguments that make no sense together."""
 
 
+class ServeError(ParScaleExportError):
+    """The server cannot start: Ray cannot start or be joined."""
+
+
 class ValidationFailed(ParScaleExportError):
     """The bundle ran, but its numbers disagree with the reference beyond tolerance."""
 

@@ -40,6 +40,10 @@ from .model import ParScaleForCausalLM, build_model
 from .quantize import BITS, quantize_in_place
 
 OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
+# --opset: below 23 torch.onnx writes attention and RMSNorm as MatMul, Softmax, ReduceMean...;
+# 18 is its own base opset (lower ones go through onnx's version converter, which fails on this
+# graph's dynamic axes and leaves the model at 18).
+OPSETS = range(18, OPSET + 1)
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Example sizes for tracing: all >= 2, so the exporter specialises no dynamic axis to 0 or 1.
@@ -101,17 +105,21 @@ def convert(
     force: bool = False,
     genai: bool = False,
     quantize: str | None = None,
+    opset: int = OPSET,
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses.
 
     `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds genai_config.json,
     so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or "int4") turns
-    the linear layers' weights into MatMulNBits blocks after export."""
+    the linear layers' weights into MatMulNBits blocks after export. `opset` below 23 writes
+    attention and normalisation from primitive ops, for older runtimes."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+    if opset not in OPSETS:
+        raise OutputError(f"--opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
     if quantize is not None and quantize not in BITS:
         raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
     if dtype == "bf16" and (quantize or genai):
@@ -141,8 +149,8 @@ def convert(
             log(f"note: {note}")
 
     with _staging_dir(out_dir) as staging:
-        log(f"tracing and exporting to ONNX (opset {OPSET}, {dtype})")
-        _export_onnx(model, contract, staging / MODEL_FILE, log)
+        log(f"tracing and exporting to ONNX (opset {opset}, {dtype})")
+        _export_onnx(model, contract, staging / MODEL_FILE, opset, log)
         del model  # the weights now live in model.onnx.data; free them before quantizing reloads it
         gc.collect()
         quantization = None
@@ -158,7 +166,7 @@ def convert(
         for name in COPIED_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
-        manifest = _manifest(config, contract, dtype, checkpoint_dir, digest, tokens, quantization)
+        manifest = _manifest(config, contract, dtype, opset, checkpoint_dir, digest, tokens, quantization)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if genai:
             (staging / GENAI_CONFIG).write_text(json.dumps(genai_settings, indent=2) + "\n", encoding="utf-8")
@@ -167,7 +175,7 @@ def convert(
     return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=config)
 
 
-def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, log: Log) -> None:
+def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, opset: int, log: Log) -> None:
     """Trace with example sizes >= 2 and write model.onnx + model.onnx.data."""
     c = model.config
     batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
@@ -195,22 +203,30 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, log
             ExportGraph(model, heads_layout=contract.cache_layout == "heads").eval(),
             args,
             dynamo=True,
-            opset_version=OPSET,
+            opset_version=opset,
             dynamic_shapes=dynamic_shapes,
             input_names=contract.input_names(),
             output_names=contract.output_names(),
         )
         log("  writing model.onnx and its external data")
         program.save(str(path), external_data=True)
-    _strip_node_metadata(path)
+    _finish_proto(path, opset)
     if not (path.parent / DATA_FILE).is_file():
         raise BundleError(f"exporter did not write {DATA_FILE} beside {MODEL_FILE}")
 
 
-def _strip_node_metadata(path: Path) -> None:
-    """Drop the exporter's per-node stack traces: they embed absolute source paths, which would
-    make two converts of one checkpoint from different checkouts differ, and they are half the file."""
+def _finish_proto(path: Path, opset: int) -> None:
+    """Check the opset, declare the oldest IR version it needs, drop per-node stack traces.
+
+    The exporter writes IR version 10 whatever the opset; runtimes refuse IR versions newer than
+    they know, so an opset-18 graph declares IR 8 (nothing in it needs more). The stack traces
+    embed absolute source paths, which would make two converts from different checkouts differ,
+    and they are half the file."""
     proto = onnx.load(str(path), load_external_data=False)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise BundleError(f"torch.onnx wrote opset {written}, not the {opset} asked for")
+    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
     for node in proto.graph.node:
         del node.metadata_props[:]
     onnx.save(proto, str(path))
@@ -220,6 +236,7 @@ def _manifest(
     config: ModelConfig,
     contract: Contract,
     dtype: str,
+    opset: int,
     checkpoint_dir: Path,
     digest: str,
     tokens: dict,
@@ -241,7 +258,7 @@ def _manifest(
             "rope_type": config.rope_type,
         },
         "dtype": dtype,
-        "opset": OPSET,
+        "opset": opset,
         "tokens": tokens,
         "quantization": quantization,
         "files": {"model": MODEL_FILE, "external_data": DATA_FILE},

@@ -1,0 +1,185 @@
+"""Continuous batching without Ray: requests that join while others decode and leave early get
+exactly the tokens offline `generate` gives each of them alone, for P=1 and P>1, in both cache
+layouts; the batch really is shared; the queue bound holds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import CONFORMANCE, TINY
+
+from parscale_export.batching import Batcher, QueueFull, Request
+from parscale_export.contract import Contract
+from parscale_export.export import convert
+from parscale_export.generate import Sampling, generate
+from parscale_export.runtime import Runtime
+from parscale_export.stepping import Stepper
+
+SAMPLED = Sampling(temperature=0.9, top_p=0.9, seed=11)
+# (prompt, max_tokens, sampling, submitted before step number)
+SCRIPT = [
+    ([5, 9, 13, 2, 7], 12, Sampling(), 0),
+    ([17, 3], 4, Sampling(), 0),
+    ([40, 41, 42, 43, 44, 45, 46, 47, 48], 9, SAMPLED, 0),
+    ([1], 7, Sampling(), 2),  # joins while the first three decode
+    ([20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140], 5, Sampling(), 3),
+    ([8, 8, 8], 1, Sampling(), 3),  # leaves right after its prefill
+    ([99, 98, 97, 96], 10, Sampling(temperature=1.2, top_k=20, seed=3), 6),  # joins after row 2 left
+    ([2, 4, 6, 8, 10, 12], 6, Sampling(), 11),  # joins a batch that has shrunk
+]
+
+
+class Recording(Stepper):
+    """A runtime that remembers the shape of every call."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime, self.calls = runtime, []
+
+    def run(self, input_ids, attention_mask, past):
+        self.calls.append(input_ids.shape)
+        return self.runtime.run(input_ids, attention_mask, past)
+
+    def empty_past(self, batch):
+        return self.runtime.empty_past(batch)
+
+
+@pytest.fixture(scope="module")
+def genai_tiny(tmp_path_factory) -> Runtime:
+    out = tmp_path_factory.mktemp("genai") / "tiny-genai"
+    convert(TINY, out, genai=True)
+    return Runtime(out)
+
+
+def runtimes(bundle, genai_tiny) -> dict[str, Runtime]:
+    return {"p1": Runtime(bundle(CONFORMANCE / "p1_plain_mqa")), "p4": Runtime(bundle(TINY)), "p4-heads": genai_tiny}
+
+
+def run_script(runtime: Runtime, eos_ids: list[int], max_batch: int = 4) -> tuple[list[list[int]], Recording]:
+    engine = Recording(runtime)
+    batcher = Batcher(engine, runtime.contract, eos_ids, runtime.manifest.pad_id, max_batch=max_batch)
+    streamed: list[list[int]] = [[] for _ in SCRIPT]
+    finished: list[str] = [""] * len(SCRIPT)
+    tickets, step = [], 0
+    while len(tickets) < len(SCRIPT) or not all(t.done for t in tickets):
+        for i, (prompt, n, sampling, at) in enumerate(SCRIPT):
+            if at == step:
+                request = Request(
+                    prompt,
+                    n,
+                    sampling,
+                    on_token=streamed[i].append,
+                    on_finish=lambda reason, _detail, i=i: finished.__setitem__(i, reason),
+                )
+                tickets += batcher.submit([request])
+        batcher.step()
+        step += 1
+        assert step < 100
+    assert [t.tokens for t in tickets] == streamed, "streamed tokens differ from the final ones"
+    assert all(finished), "every request is told it finished"
+    return streamed, engine
+
+
+@pytest.mark.parametrize("name", ["p1", "p4", "p4-heads"])
+def test_joining_and_leaving_requests_get_the_offline_tokens(name: str, bundle, genai_tiny) -> None:
+    runtime = runtimes(bundle, genai_tiny)[name]
+    alone = [generate(runtime, [p], n, sampling=s)[0] for p, n, s, _ in SCRIPT]
+    # An EOS that one request meets mid-way: it must stop there, the others run on.
+    eos = alone[0][5]
+    alone_eos = [generate(runtime, [p], n, [eos], sampling=s)[0] for p, n, s, _ in SCRIPT]
+    assert alone_eos[0] == alone[0][:6]
+
+    batched, engine = run_script(runtime, [eos])
+    assert batched == alone_eos
+
+    decode_batches = [b for b, s in engine.calls if s == 1]
+    assert max(decode_batches) == 4, "the batch should fill to max_batch"
+    prefill_at = [i for i, (_, s) in enumerate(engine.calls) if s > 1]
+    assert any(0 < i < len(engine.calls) - 1 for i in prefill_at[1:]), "requests should join a running batch"
+
+
+def test_max_batch_one_still_matches(bundle) -> None:
+    runtime = Runtime(bundle(TINY))
+    alone = [generate(runtime, [p], n, sampling=s)[0] for p, n, s, _ in SCRIPT]
+    batched, engine = run_script(runtime, [], max_batch=1)
+    assert batched == alone
+    assert {b for b, _ in engine.calls} == {1}
+
+
+def test_queue_bound_refuses_instead_of_growing(bundle) -> None:
+    runtime = Runtime(bundle(TINY))
+    batcher = Batcher(runtime, runtime.contract, max_batch=2, max_queue=3)
+    batcher.submit([Request([1, 2], 4) for _ in range(3)])
+    with pytest.raises(QueueFull):
+        batcher.submit([Request([1, 2], 4)])
+    batcher.step()  # two are admitted, one still waits
+    assert batcher.load == (2, 1)
+    batcher.submit([Request([1, 2], 4), Request([3], 2)])
+    with pytest.raises(QueueFull):
+        batcher.submit([Request([1, 2], 4)])
+
+
+def test_zero_tokens_and_cancel(bundle) -> None:
+    runtime = Runtime(bundle(TINY))
+    batcher = Batcher(runtime, runtime.contract, max_batch=4)
+    reasons: list[str] = []
+    zero, long, short = batcher.submit(
+        [
+            Request([1, 2], 0, on_finish=lambda r, _: reasons.append(f"zero {r}")),
+            Request([1, 2], 50, on_finish=lambda r, _: reasons.append(f"long {r}")),
+            Request([3, 4, 5], 3, on_finish=lambda r, _: reasons.append(f"short {r}")),
+        ]
+    )
+    assert zero.tokens == [] and reasons == ["zero length"]
+    batcher.step()
+    long.cancel()
+    while batcher.step():
+        pass
+    assert reasons == ["zero length", "long cancelled", "short length"]
+    assert len(short.tokens) == 3 and short.tokens == generate(runtime, [[3, 4, 5]], 3)[0]
+    assert batcher.load == (0, 0)
+
+
+def test_engine_failure_fails_the_batch_and_serving_goes_on(bundle) -> None:
+    runtime = Runtime(bundle(TINY))
+
+    class Flaky(Recording):
+        def run(self, input_ids, attention_mask, past):
+            if len(self.calls) == 2:
+                self.calls.append(None)
+                raise RuntimeError("device lost")
+            return super().run(input_ids, attention_mask, past)
+
+    batcher = Batcher(Flaky(runtime), runtime.contract)
+    reasons: list[tuple[str, str]] = []
+    batcher.submit([Request([1, 2, 3], 5, on_finish=lambda r, d: reasons.append((r, d)))])
+    while batcher.step():
+        pass
+    assert reasons == [("error", "RuntimeError: device lost")]
+    (ticket,) = batcher.submit([Request([1, 2, 3], 5)])
+    while batcher.step():
+        pass
+    assert ticket.tokens == generate(runtime, [[1, 2, 3]], 5)[0]
+
+
+@pytest.mark.parametrize("layout", ["rows", "heads"])
+def test_contract_moves_whole_sequences(layout: str) -> None:
+    contract = Contract(1, parscale_n=3, num_kv_heads=2, head_dim=4, vocab_size=10, dtype="float32")
+    contract = dataclasses.replace(contract, cache_layout=layout)
+    batch, length = 4, 5
+    rows = np.arange(np.prod(contract.cache_shape(batch, length)), dtype=np.float32).reshape(
+        contract.cache_shape(batch, length)
+    )
+    # The same memory seen per sequence: [B, P*KV, L, D] in both layouts.
+    per_sequence = rows.reshape(batch, -1, length, 4)
+    taken = contract.take_sequences([rows, rows], [2, 0], 3)
+    assert taken[0].shape == contract.cache_shape(2, 3)
+    np.testing.assert_array_equal(taken[0].reshape(2, -1, 3, 4), per_sequence[[2, 0], :, -3:])
+
+    joined = contract.join_sequences([taken, contract.take_sequences([rows, rows], [1], 5)], 5)
+    assert joined[1].shape == contract.cache_shape(3, 5)
+    view = joined[1].reshape(3, -1, 5, 4)
+    np.testing.assert_array_equal(view[:2, :, :2], 0)  # left padding is zeros
+    np.testing.assert_array_equal(view[:2, :, 2:], per_sequence[[2, 0], :, -3:])
+    np.testing.assert_array_equal(view[2], per_sequence[1])

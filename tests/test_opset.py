@@ -1,0 +1,86 @@
+"""convert --opset: an opset-18 bundle is written from primitive ops, declares the IR version it
+needs, and matches the official outputs both here and in onnxruntime 1.15.0, the oldest runtime
+the README names, which refuses the default opset-23 bundle.
+
+The old runtime lives in a virtual environment of its own; `make test` creates it and names its
+Python in PARSCALE_OLD_ORT_PYTHON (scripts/ort_conformance.py needs only onnxruntime and numpy).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import CONFORMANCE, CONFORMANCE_NAMES, ROOT, official
+from parscale_export.cli.main import main
+
+from parscale_export.runtime import Runtime
+
+OLD_PYTHON = os.environ.get("PARSCALE_OLD_ORT_PYTHON")
+OLD_VERSION = "1.15.0"
+needs_old_runtime = pytest.mark.skipif(not OLD_PYTHON, reason="PARSCALE_OLD_ORT_PYTHON not set (make test sets it)")
+
+
+@pytest.fixture(scope="module")
+def opset18(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("opset18")
+    made = {}
+    for name in CONFORMANCE_NAMES:
+        assert main(["convert", str(CONFORMANCE / name), "-o", str(root / name), "--opset", "18"]) == 0
+        made[name] = root / name
+    return made
+
+
+def on_old_runtime(bundle: Path, name: str) -> subprocess.CompletedProcess:
+    script = ROOT / "scripts" / "ort_conformance.py"
+    reference = CONFORMANCE / name / "reference.npz"
+    return subprocess.run([OLD_PYTHON, str(script), str(bundle), str(reference)], capture_output=True, text=True)
+
+
+def test_opset_18_graph_is_primitive_and_declares_ir_8(opset18: dict[str, Path]) -> None:
+    path = opset18["p2_gqa_bf16_sharded"]
+    proto = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)]
+    assert proto.ir_version == 8
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    assert "Attention" not in ops and "RMSNormalization" not in ops
+    assert ops["Softmax"] and ops["MatMul"] and ops["ReduceMean"]
+    assert json.loads((path / "manifest.json").read_text())["opset"] == 18
+
+
+@pytest.mark.parametrize("name", CONFORMANCE_NAMES)
+def test_opset_18_matches_official_here(name: str, opset18: dict[str, Path]) -> None:
+    ref = official(name)
+    logits, _ = Runtime(opset18[name]).prefill(ref["input_ids"], ref["attention_mask"])
+    real = ref["attention_mask"].astype(bool)
+    assert np.abs(logits - ref["prefill_logits"])[real].max() < 1e-4
+
+
+@needs_old_runtime
+@pytest.mark.parametrize("name", CONFORMANCE_NAMES)
+def test_opset_18_matches_official_on_the_oldest_runtime(name: str, opset18: dict[str, Path]) -> None:
+    done = on_old_runtime(opset18[name], name)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["onnxruntime"] == OLD_VERSION
+    assert result["max_error"] < 1e-4, result
+    assert result["greedy_tokens_agree"], result
+
+
+@needs_old_runtime
+def test_the_default_opset_needs_a_newer_runtime(bundle) -> None:
+    done = on_old_runtime(bundle(CONFORMANCE / "p1_plain_mqa"), "p1_plain_mqa")
+    assert done.returncode != 0
+    assert "Unsupported model IR version" in done.stderr or "opset" in done.stderr.lower(), done.stderr[-500:]
+
+
+def test_unsupported_opsets_are_refused(tmp_path: Path, capsys) -> None:
+    for opset in ("17", "24"):
+        assert main(["convert", str(CONFORMANCE / "p1_plain_mqa"), "-o", str(tmp_path / opset), "--opset", opset]) == 2
+        assert not (tmp_path / opset).exists()
