@@ -9,12 +9,14 @@ from typing import Annotated
 
 import typer
 
+from parscale_export.contract import CACHE_NAMES
 from parscale_export.export import EXPORT_DTYPES, convert
 from parscale_export.quantize import BITS
 
 # Choices derived from the library's own tables, so the CLI cannot drift from what convert accepts.
 DType = StrEnum("DType", list(EXPORT_DTYPES))
 Quantization = StrEnum("Quantization", list(BITS))
+Cache = StrEnum("Cache", list(CACHE_NAMES))
 
 
 def convert_command(
@@ -39,6 +41,17 @@ def convert_command(
     quantize: Annotated[
         Quantization | None,
         typer.Option(help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits)."),
+    ] = None,
+    cache: Annotated[
+        Cache,
+        typer.Option(
+            help="dynamic: contract v1, the cache grows by concatenation. static: contract v2, fixed "
+            "buffers of --max-length tokens written in place (faster decoding at long contexts)."
+        ),
+    ] = Cache.dynamic,
+    max_length: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --cache static: the most tokens (prompt + generated) one sequence may hold."),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")
@@ -70,6 +83,8 @@ def convert_command(
         force=force,
         genai=genai,
         quantize=quantize.value if quantize else None,
+        cache=cache.value,
+        max_length=max_length,
         log=log,
     )
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
@@ -78,7 +93,8 @@ def convert_command(
     c = result.config
     typer.echo(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
-        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}"
+        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}, cache={cache.value}"
+        + (f" (max_length {max_length})" if max_length else "")
     )
     typer.echo(f"next: parscale-export validate {result.out_dir}")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnxscript.onnx_opset import opset24
 from torch import Tensor, nn
 from torch.export import Dim
 
@@ -32,14 +33,15 @@ from . import __version__
 from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
 from .checkpoint import load_weights, weights_digest
 from .config import ModelConfig, load_config, special_tokens
-from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
+from .contract import BATCH, CACHE_NAMES, SEQUENCE, TOTAL, Contract
 from .environment import package_versions
 from .errors import BundleError, OutputError
 from .genai import GENAI_CONFIG, genai_config
 from .model import ParScaleForCausalLM, build_model
 from .quantize import BITS, quantize_in_place
 
-OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
+# Contract v1 exports at opset 23 (ONNX's fused Attention op and RMSNormalization; fastest on
+# CPU in our study); v2 at 24, for TensorScatter. The contract's CacheKind holds the number.
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Example sizes for tracing: all >= 2, so the exporter specialises no dynamic axis to 0 or 1.
 TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
@@ -58,37 +60,55 @@ class ConvertResult:
 class ExportGraph(nn.Module):
     """The model with a flat signature: ids, mask, positions, then past key/value per layer.
 
-    With `heads_layout` the cache is declared [B, P*KV, L, D] (what onnxruntime-genai expects)
-    instead of [B*P, KV, L, D]; the reshapes between the two are free and cancel in the graph.
+    Contract v1 with the heads layout declares the cache [B, P*KV, L, D] (what onnxruntime-genai
+    expects) instead of [B*P, KV, L, D]; the reshapes between the two are free in PyTorch, but
+    ONNX Runtime copies at a graph boundary. Contract v2 declares its buffers in the layout
+    attention runs in, so they pass through untouched.
     """
 
-    def __init__(self, lm: ParScaleForCausalLM, heads_layout: bool = False) -> None:
+    def __init__(self, lm: ParScaleForCausalLM, contract: Contract) -> None:
         super().__init__()
         self.lm = lm
-        self.heads_layout = heads_layout
+        self.in_place = contract.cache.in_place
+        self.reshape = contract.cache_layout == "heads" and not self.in_place
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]):
         c = self.lm.config
-        if self.heads_layout:
+        if self.reshape:
             past = tuple(t.reshape(-1, c.num_kv_heads, t.shape[2], c.head_dim) for t in past)
         pairs = list(zip(past[0::2], past[1::2], strict=True))
-        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs)
+        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs, self.in_place)
         flat = [t for kv in presents for t in kv]
-        if self.heads_layout:
+        if self.reshape:
             batch = input_ids.shape[0]
             flat = [t.reshape(batch, c.parscale_n * c.num_kv_heads, t.shape[2], c.head_dim) for t in flat]
         return (logits, *flat)
 
 
-def contract_for(config: ModelConfig, dtype: str, genai: bool = False) -> Contract:
+def _tensor_scatter(buffer, update, start):
+    """model.cache_write in ONNX: one TensorScatter along the slot axis, in place in ONNX Runtime
+    when past and present share memory."""
+    return opset24.TensorScatter(buffer, update, start, axis=2)
+
+
+def contract_for(
+    config: ModelConfig, dtype: str, genai: bool = False, cache: str = "dynamic", max_length: int | None = None
+) -> Contract:
+    """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2 (which
+    needs `max_length`, the most tokens a sequence may hold, and always uses the heads layout)."""
+    version = CACHE_NAMES[cache]
+    static = cache == "static"
     return Contract(
-        cache_layout="heads" if genai else "rows",
+        cache_layout="heads" if genai or static else "rows",
         num_layers=config.num_layers,
         parscale_n=config.parscale_n,
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
         dtype="float16" if dtype == "fp16" else "float32",
+        version=version,
+        prefix_slots=config.parscale_n_tokens if static else 0,
+        max_length=max_length if static else None,
     )
 
 
@@ -99,19 +119,30 @@ def convert(
     force: bool = False,
     genai: bool = False,
     quantize: str | None = None,
+    cache: str = "dynamic",
+    max_length: int | None = None,
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses.
 
     `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds genai_config.json,
     so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or "int4") turns
-    the linear layers' weights into MatMulNBits blocks after export."""
+    the linear layers' weights into MatMulNBits blocks after export. `cache` "static" writes
+    contract v2 (fixed buffers of `max_length` tokens, written in place); "dynamic" v1."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
     if quantize is not None and quantize not in BITS:
         raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
+    if cache not in CACHE_NAMES:
+        raise OutputError(f"--cache {cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
+    if (cache == "static") != (max_length is not None):
+        raise OutputError("--max-length goes with --cache static, and --cache static needs --max-length")
+    if max_length is not None and max_length < 1:
+        raise OutputError(f"--max-length {max_length} must be at least 1")
+    if genai and cache == "static":
+        raise OutputError("--genai writes contract v1 for now; drop --cache static")
     _check_target(out_dir, checkpoint_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")
@@ -126,7 +157,7 @@ def convert(
     digest = weights_digest(checkpoint_dir)
     model = build_model(config, weights, EXPORT_DTYPES[dtype])
     del weights
-    contract = contract_for(config, dtype, genai)
+    contract = contract_for(config, dtype, genai, cache, max_length)
     tokens = special_tokens(checkpoint_dir)
     if genai:
         genai_settings, notes = genai_config(config, contract, tokens)
@@ -134,7 +165,7 @@ def convert(
             log(f"note: {note}")
 
     with _staging_dir(out_dir) as staging:
-        log(f"tracing and exporting to ONNX (opset {OPSET}, {dtype})")
+        log(f"tracing and exporting to ONNX (opset {contract.cache.opset}, {dtype}, contract v{contract.version})")
         _export_onnx(model, contract, staging / MODEL_FILE, log)
         del model  # the weights now live in model.onnx.data; free them before quantizing reloads it
         gc.collect()
@@ -165,7 +196,8 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, log
     c = model.config
     batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
     dtype = model.lm_head.weight.dtype
-    cache = tuple(torch.zeros(contract.cache_shape(batch, past), dtype=dtype) for _ in contract.past_names())
+    length = contract.cache_slots(past + seq + 2) if contract.cache.in_place else past
+    cache = tuple(torch.zeros(contract.cache_shape(batch, length), dtype=dtype) for _ in contract.past_names())
     args = (
         torch.zeros(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
@@ -174,7 +206,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, log
     )
     b = Dim(BATCH, min=1, max=1 << 16)
     s = Dim(SEQUENCE, min=1, max=1 << 20)
-    p = Dim(PAST, min=0, max=1 << 20)
+    p = Dim(contract.cache.past_axis, min=0 if not contract.cache.in_place else 2, max=1 << 20)
     t = Dim(TOTAL, min=1, max=1 << 21)
     rows = b * c.parscale_n if c.parscale_n > 1 and contract.cache_layout == "rows" else b
     dynamic_shapes = {
@@ -185,13 +217,14 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, log
     }
     with _quiet_exporter(log):
         program = torch.onnx.export(
-            ExportGraph(model, heads_layout=contract.cache_layout == "heads").eval(),
+            ExportGraph(model, contract).eval(),
             args,
             dynamo=True,
-            opset_version=OPSET,
+            opset_version=contract.cache.opset,
             dynamic_shapes=dynamic_shapes,
             input_names=contract.input_names(),
             output_names=contract.output_names(),
+            custom_translation_table={torch.ops.parscale.cache_write.default: _tensor_scatter},
         )
         log("  writing model.onnx and its external data")
         program.save(str(path), external_data=True)
@@ -234,7 +267,7 @@ def _manifest(
             "rope_type": config.rope_type,
         },
         "dtype": dtype,
-        "opset": OPSET,
+        "opset": contract.cache.opset,
         "tokens": tokens,
         "quantization": quantization,
         "files": {"model": MODEL_FILE, "external_data": DATA_FILE},
