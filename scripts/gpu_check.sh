@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (under 5 minutes on one H200): install onnxruntime-gpu from carried
-# parts, convert the tiny fixture (fp16, fp32) and a mid-size checkpoint (P=1 and P=4, fp16),
-# validate each on CUDA, and time decoding. Results go to stdout and to $OUT (reports).
+# parts, convert the tiny fixture (fp16, fp32) and a mid-size checkpoint (P=1 and P=4, fp16;
+# P=4 also with the in-place cache, contract v2), validate each on CUDA, and time decoding. Results go to stdout and to $OUT (reports).
 #
 # The GPU machine has python3 3.12 with torch (CUDA 13), onnx, onnxscript, transformers, typer
 # and a CPU-only onnxruntime, and no network. Carry onnxruntime-gpu first: see gpu_wheel.sh.
@@ -44,14 +44,19 @@ PY
 
 status=0
 for spec in "fixtures/tiny-parscale fp16 tiny-fp16" "fixtures/tiny-parscale fp32 tiny-fp32" \
-            "$WORK/mid-p4 fp16 mid-p4-fp16" "$WORK/mid-p1 fp16 mid-p1-fp16"; do
+            "$WORK/mid-p4 fp16 mid-p4-fp16" "$WORK/mid-p1 fp16 mid-p1-fp16" \
+            "fixtures/tiny-parscale fp16 tiny-fp16-static --cache static --max-length 64" \
+            "$WORK/mid-p4 fp16 mid-p4-fp16-static --cache static --max-length 2560"; do
     set -- $spec
-    echo "== convert $1 ($2)"
-    cli convert "$1" -o "$WORK/$3" --dtype "$2" --force
+    echo "== convert $1 ($2 ${*:4})"
+    cli convert "$1" -o "$WORK/$3" --dtype "$2" "${@:4}" --force
     echo "== validate $3 on $PROVIDER"
     cli validate "$WORK/$3" --provider "$PROVIDER" --report "$OUT/$3.json" || status=$?
 done
 
 echo "== decode speed on $PROVIDER (fp16, ONNX Runtime; IO binding keeps the cache on the GPU)"
 cli bench "$WORK/mid-p1-fp16" "$WORK/mid-p4-fp16" --batch 1 --batch 8 --provider "$PROVIDER" --no-reference
+echo "== step time vs context on $PROVIDER, contract v1 vs v2 (fp16, P=4)"
+cli bench "$WORK/mid-p4-fp16" "$WORK/mid-p4-fp16-static" --batch 1 --prompt-length 64 --prompt-length 2048 \
+    --provider "$PROVIDER" --no-reference
 exit $status
