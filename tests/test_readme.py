@@ -31,3 +31,15 @@ def test_readme_library_example_runs(bundle) -> None:
     namespace: dict = {}
     exec(code.replace('"build/demo-bundle"', repr(str(bundle(TINY)))), namespace)
     assert [len(t) for t in namespace["tokens"]] == [16, 16] or any(256 in t for t in namespace["tokens"])
+
+
+def test_readme_static_cache_example_generates_what_the_runtime_generates(bundle) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (code,) = [b for b in blocks if 'bundle = "build/demo-bundle-static"' in b]
+    path = bundle(TINY, cache="static")
+    namespace: dict = {}
+    exec(code.replace('bundle = "build/demo-bundle-static"', f"bundle = {str(path)!r}"), namespace)
+    ids = np.array([[72, 101, 108, 108, 111], [0, 0, 72, 105, 33]])
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    expected = Runtime(bundle(TINY)).greedy(ids, mask, steps=5)  # contract v1 gives the same tokens
+    np.testing.assert_array_equal(np.stack(namespace["generated"], axis=1), expected)
