@@ -142,8 +142,6 @@ def convert(
         raise OutputError("--max-length goes with --cache static, and --cache static needs --max-length")
     if max_length is not None and max_length < 1:
         raise OutputError(f"--max-length {max_length} must be at least 1")
-    if genai and cache == "static":
-        raise OutputError("--genai writes contract v1 for now; drop --cache static")
     _check_target(out_dir, checkpoint_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")

@@ -40,6 +40,23 @@ def genai_bundles(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
+def test_genai_drives_contract_v2_with_a_shared_buffer(name: str, tmp_path) -> None:
+    out = tmp_path / name
+    assert main(["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", "static",
+                 "--max-length", "32"]) == 0  # fmt: skip
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert (
+        config["search"]["max_length"]
+        == 32 + json.loads((out / "manifest.json").read_text())["model"]["parscale_n_tokens"]
+    )
+    ref = official(name)
+    for row in range(3):
+        ids = ref["input_ids"][row][ref["attention_mask"][row] == 1]
+        assert genai_greedy(out, ids, ref["step_tokens"].shape[1]) == ref["step_tokens"][row].tolist()
+
+
+@pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
 def test_genai_gives_the_official_greedy_tokens(name: str, genai_bundles: dict) -> None:
     ref = official(name)
     for row in range(3):

@@ -108,7 +108,6 @@ def test_cli_generate_past_capacity_exits_2(bundle, capsys) -> None:
     [
         (["--cache", "static"], "--cache static needs --max-length"),
         (["--max-length", "64"], "--max-length goes with --cache static"),
-        (["--cache", "static", "--max-length", "64", "--genai"], "--genai writes contract v1"),
     ],
 )
 def test_convert_refuses_inconsistent_cache_options(args, message, tmp_path, capsys) -> None:
