@@ -73,3 +73,14 @@ def test_genai_bundle_keeps_our_runtime_working(genai_bundles: dict) -> None:
     # Our tiny fixture's EOS (256) may end genai's run early; compare what both produced.
     theirs = genai_greedy(path, ids, 12)
     assert theirs == ours[: len(theirs)] and len(theirs) >= 1
+
+
+def test_genai_bench_times_both_contracts_with_the_same_tokens(genai_bundles: dict, tmp_path) -> None:
+    static = tmp_path / "static"
+    assert main(["convert", str(TINY), "-o", str(static), "--genai", "--cache", "static", "--max-length", "64"]) == 0
+    args = [GENAI_PYTHON, str(ROOT / "scripts" / "genai_bench.py"), str(genai_bundles["tiny-parscale"]), str(static)]
+    args += ["--context", "5", "--context", "9", "--steps", "3", "--rounds", "1", "--vocab", "256"]
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["context"] for r in result["results"]] == [5, 9]
+    assert all(r["tokens_agree"] and len(r["ms_per_step"]) == 2 for r in result["results"])
