@@ -32,7 +32,10 @@ def bench_command(
     batch: Annotated[
         list[int] | None, typer.Option(help="Batch sizes to measure; repeat the option. Default: 1 and 4.")
     ] = None,
-    prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens for the prefill.")] = 64,
+    prompt_length: Annotated[
+        list[int] | None,
+        typer.Option(min=1, help="Prompt tokens for the prefill; repeat for step time vs context. Default: 64."),
+    ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Greedy decode steps timed.")] = 32,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for both engines.")] = 2,
     provider: Annotated[
@@ -45,18 +48,28 @@ def bench_command(
         list[int] | None,
         typer.Option(min=1, help="For a family bundle: the P to measure; repeat the option. Default: every P."),
     ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Repeat the whole sweep; each cell keeps its fastest round (for a shared, noisy machine)."
+        ),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as one JSON object.")] = False,
 ) -> None:
     """Time prefill and greedy decode: ONNX Runtime vs the PyTorch reference, in one run.
 
     Each engine runs in a fresh process, so its peak memory is its own. Ratios are
     ONNX Runtime over PyTorch (higher is better for ONNX Runtime); with several bundles the
-    decode step time of each P is divided by that of the smallest P.
+    decode step time of each P is divided by that of the smallest P; with several prompt
+    lengths, each bundle's decode step time is divided by that at the shortest prompt.
+    Bundles are measured one after another at each prompt length, so they share the
+    machine's mood.
 
-    Example:
+    Examples:
 
         parscale-export bench ./bundle-p1 ./bundle-p4 ./bundle-p8 --batch 1 --batch 8
 
+        parscale-export bench ./v1 ./v2 --batch 1 --prompt-length 64 --prompt-length 2048 --no-reference
         parscale-export bench ./family --batch 1
     """
     runs: list[tuple[Path, int | None]] = []  # (bundle, P of a family bundle or None)
@@ -71,17 +84,26 @@ def bench_command(
     if checkpoint and len(runs) > 1:
         raise UsageError("--checkpoint applies to one bundle; with several, each uses its manifest's source")
     batches = batch or [1, 4]
+    lengths = prompt_length or [64]
     ort_provider = resolve_provider(provider.value)
     log = (lambda _: None) if as_json else (lambda m: typer.echo(m, err=True))
-    results: list[Measurement] = []
-    for path, member in runs:
-        where = f"{path} P={member}" if member else str(path)
-        for size in batches:
-            for engine in ("onnxruntime", "pytorch") if reference else ("onnxruntime",):
-                log(f"measuring {engine} on {where} (batch {size})")
-                results.append(
-                    measure(engine, path, checkpoint, size, prompt_length, steps, threads, ort_provider, member)
-                )
+    cells = [
+        (engine, path, member, size, length)
+        for length in lengths
+        for path, member in runs
+        for size in batches
+        for engine in (("onnxruntime", "pytorch") if reference else ("onnxruntime",))
+    ]
+    best: dict[tuple, Measurement] = {}
+    for round_ in range(rounds):
+        for cell in cells:
+            engine, path, member, size, length = cell
+            where = f"{path} P={member}" if member else str(path)
+            log(f"measuring {engine} on {where} (batch {size}, prompt {length}, round {round_ + 1}/{rounds})")
+            m = measure(engine, path, checkpoint, size, length, steps, threads, ort_provider, member)
+            if cell not in best or m.timing.decode_seconds < best[cell].timing.decode_seconds:
+                best[cell] = m
+    results = [best[cell] for cell in cells]
     machine = {
         "device": device_name(ort_provider),
         "cpu_count": os.cpu_count(),
@@ -95,15 +117,16 @@ def bench_command(
     typer.echo(
         f"machine: {machine['device']}, {threads} of {machine['cpu_count']} threads, ORT on {ort_provider.upper()}"
     )
-    typer.echo(f"prompt {prompt_length} tokens, {steps} greedy decode steps")
-    typer.echo("bundle                    P batch engine       prefill tok/s decode tok/s  ms/step  peak RSS")
+    typer.echo(f"{steps} greedy decode steps after each prompt")
+    typer.echo("bundle                    P batch prompt engine       prefill tok/s decode tok/s  ms/step  peak RSS")
     for m in results:
         t = m.timing
         name = Path(m.bundle).name[:24]
         step_ms = 1e3 * t.decode_seconds / t.steps
         typer.echo(
-            f"{name:24s} {m.parscale_n:2d} {t.batch:5d} {m.engine:12s} {t.prefill_tokens_per_second:13.1f} "
-            f"{t.decode_tokens_per_second:12.1f} {step_ms:8.2f} {m.peak_rss_bytes / 2**20:5.0f} MiB"
+            f"{name:24s} {m.parscale_n:2d} {t.batch:5d} {t.prompt_length:6d} {m.engine:12s} "
+            f"{t.prefill_tokens_per_second:13.1f} {t.decode_tokens_per_second:12.1f} {step_ms:8.2f} "
+            f"{m.peak_rss_bytes / 2**20:5.0f} MiB"
         )
     if reference:
         typer.echo("ratios, ONNX Runtime / PyTorch:")
@@ -114,21 +137,44 @@ def bench_command(
             same = "same" if (a.tokens == b.tokens).all() else "DIFFERENT"
             name = Path(ort_run.bundle).name[:24]
             typer.echo(
-                f"  {name:24s} batch {a.batch}: prefill {prefill:.2f}x, decode {decode:.2f}x, greedy tokens {same}"
+                f"  {name:24s} batch {a.batch} prompt {a.prompt_length}: prefill {prefill:.2f}x, "
+                f"decode {decode:.2f}x, greedy tokens {same}"
             )
-    _p_scaling(results, batches)
-
-
-def _p_scaling(results: list[Measurement], batches: list[int]) -> None:
     runs = [m for m in results if m.engine == "onnxruntime"]
+    for length in lengths:
+        _p_scaling([m for m in runs if m.timing.prompt_length == length], batches, length)
+    _context_scaling(runs, bundles, batches)
+
+
+def _p_scaling(runs: list[Measurement], batches: list[int], length: int) -> None:
     if len({m.parscale_n for m in runs}) < 2:
         return
-    typer.echo("P scaling, ONNX Runtime decode step time relative to the smallest P:")
+    typer.echo(f"P scaling, ONNX Runtime decode step time relative to the smallest P (prompt {length}):")
     for size in batches:
         rows = sorted((m for m in runs if m.timing.batch == size), key=lambda m: m.parscale_n)
         base = rows[0].timing.decode_seconds
         cells = ", ".join(f"P={m.parscale_n} {m.timing.decode_seconds / base:.2f}x" for m in rows)
         typer.echo(f"  batch {size}: {cells}")
+
+
+def _context_scaling(runs: list[Measurement], bundles: list[Path], batches: list[int]) -> None:
+    """Decode ms/step against the prompt length, and its ratio to the shortest prompt's."""
+    if len({m.timing.prompt_length for m in runs}) < 2:
+        return
+    typer.echo("step time vs context, ONNX Runtime decode ms/step (ratio to the shortest prompt):")
+    for path in bundles:
+        for size in batches:
+            rows = sorted(
+                (m for m in runs if m.bundle == str(path) and m.timing.batch == size),
+                key=lambda m: m.timing.prompt_length,
+            )
+            base = rows[0].timing.decode_seconds
+            cells = ", ".join(
+                f"{m.timing.prompt_length}: {1e3 * m.timing.decode_seconds / m.timing.steps:.2f}"
+                f" ({m.timing.decode_seconds / base:.2f}x)"
+                for m in rows
+            )
+            typer.echo(f"  {path.name[:24]} batch {size}: {cells}")
 
 
 def _row(m: Measurement) -> dict:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from parscale_export.bundle import read_manifest
+from parscale_export.contract import CACHE_NAMES
 from parscale_export.export import EXPORT_DTYPES, convert
 from parscale_export.family import convert_family
 from parscale_export.quantize import BITS
@@ -17,6 +18,7 @@ from parscale_export.quantize import BITS
 # Choices derived from the library's own tables, so the CLI cannot drift from what convert accepts.
 DType = StrEnum("DType", list(EXPORT_DTYPES))
 Quantization = StrEnum("Quantization", list(BITS))
+Cache = StrEnum("Cache", list(CACHE_NAMES))
 
 
 def convert_command(
@@ -49,14 +51,26 @@ def convert_command(
         typer.Option(help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits)."),
     ] = None,
     opset: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=18,
             max=23,
-            help="ONNX opset. 23: fused Attention and RMSNormalization (onnxruntime >= 1.23). 18-22: the same "
-            "model from MatMul, Softmax, ReduceMean... for older runtimes (18: onnxruntime >= 1.14).",
+            help="ONNX opset, contract v1 only (--cache static needs 24 and takes it by itself). 23, the "
+            "default: fused Attention and RMSNormalization (onnxruntime >= 1.23). 18-22: the same model from "
+            "MatMul, Softmax, ReduceMean... for older runtimes (18: onnxruntime >= 1.15).",
         ),
-    ] = 23,
+    ] = None,
+    cache: Annotated[
+        Cache,
+        typer.Option(
+            help="dynamic: contract v1, the cache grows by concatenation. static: contract v2, fixed "
+            "buffers of --max-length tokens written in place (faster decoding at long contexts)."
+        ),
+    ] = Cache.dynamic,
+    max_length: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --cache static: the most tokens (prompt + generated) one sequence may hold."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")
     ] = False,
@@ -95,6 +109,8 @@ def convert_command(
         genai=genai,
         quantize=quantize.value if quantize else None,
         opset=opset,
+        cache=cache.value,
+        max_length=max_length,
         log=log,
     )
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
@@ -106,7 +122,8 @@ def convert_command(
         typer.echo(f"family: P = {sizes} over one backbone; choose with --parallel, default (the largest):")
     typer.echo(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
-        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}"
+        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}, cache={cache.value}"
+        + (f" (max_length {max_length})" if max_length else "")
     )
     cuda_only = " --provider cuda" if dtype.value == "bf16" else ""
     typer.echo(f"next: parscale-export validate {result.out_dir}{cuda_only}")

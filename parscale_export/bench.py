@@ -58,7 +58,7 @@ def time_generation(
     best_prefill = best_decode = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        logits, state = engine.prefill(ids, mask)
+        logits, state = engine.prefill(ids, mask, reserve=steps)
         best_prefill = min(best_prefill, time.perf_counter() - start)
         tokens = [logits[:, -1].argmax(-1)]
         start = time.perf_counter()

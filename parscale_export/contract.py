@@ -1,6 +1,7 @@
-"""The I/O contract of an exported bundle, version 1: one immutable object read by export,
-runtime, validation and the manifest. Imports no torch: deployment needs only numpy.
+"""The I/O contract of an exported bundle: one immutable object read by export, runtime,
+validation and the manifest. Imports no torch: deployment needs only numpy.
 
+Version 1 (`convert --cache dynamic`, the default): the cache grows by concatenation.
 Inputs:
   input_ids       int64 [batch, sequence]
   attention_mask  int64 [batch, past_sequence + sequence]   1 = real token, 0 = padding; never the prefix
@@ -16,6 +17,16 @@ onnxruntime-genai (`cache_layout = "heads"`) declare their cache in that shape. 
 also accept genai's batches (model.PackedSlots): rows padded on the right, each row's new keys
 written right after its last real token, positions read from the mask, and a present of
 max(past_sequence, total_sequence) slots. With left padding that is exactly version 1.
+
+Version 2 (`convert --cache static --max-length N`): fixed-capacity buffers written in place.
+  past_key_values.{i}.key / .value   [batch, P*kv_heads, capacity, head_dim]
+  present.{i}.key / .value           the same buffers, after this call's write
+The ids, mask and positions mean what they mean in version 1. Token column j of the mask
+(left padding included) lives in slot j. Each call writes its new keys/values at slots
+[past, past + sequence) and the learned prefix (T slots, no RoPE) right after them, so after
+any call slots [0, total) hold the tokens, [total, total + T) the prefix, and the rest is
+unused and masked. The caller allocates zeros of capacity >= T + total and binds past and
+present to the same memory; a call that would need more slots is refused (CapacityError).
 """
 
 from __future__ import annotations
@@ -26,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, CapacityError
 
-CONTRACT_VERSION = 1
 # Cache dtypes: the numpy type a host-side cache uses (numpy has no bfloat16: a bf16 cache only
 # ever lives in ONNX Runtime OrtValues) and the ONNX element type that allocates one.
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
@@ -46,6 +56,24 @@ ORT_TYPES = {
 LENGTH_AXIS = 2
 # Symbolic axis names, as written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL, ROWS = "batch", "sequence", "past_sequence", "total_sequence", "cache_rows"
+CAPACITY = "cache_capacity"
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """What distinguishes the contract versions, as data."""
+
+    past_axis: str  # symbolic length of the past inputs
+    present_axis: str  # symbolic length of the present outputs
+    in_place: bool  # present is the past buffer, written at the sequence's position
+    opset: int  # ONNX opset the graph needs (TensorScatter arrived in 24)
+
+
+CACHE_KINDS = {
+    1: CacheKind(past_axis=PAST, present_axis=TOTAL, in_place=False, opset=23),
+    2: CacheKind(past_axis=CAPACITY, present_axis=CAPACITY, in_place=True, opset=24),
+}
+CACHE_NAMES = {"dynamic": 1, "static": 2}  # `convert --cache` -> contract version
 
 
 @dataclass(frozen=True)
@@ -57,7 +85,13 @@ class Contract:
     vocab_size: int
     dtype: str  # dtype of the cache tensors: "float32", "float16" or "bfloat16"
     cache_layout: str = "rows"  # "rows": [P*batch, KV, seq, D]; "heads": [batch, P*KV, seq, D] (genai)
-    version: int = CONTRACT_VERSION
+    version: int = 1
+    prefix_slots: int = 0  # version 2: the learned prefix's slots in each buffer (T, or 0 when P = 1)
+    max_length: int | None = None  # version 2: the most tokens (past + new) one sequence may hold
+
+    @property
+    def cache(self) -> CacheKind:
+        return CACHE_KINDS[self.version]
 
     @property
     def np_dtype(self) -> type[np.floating]:
@@ -94,15 +128,26 @@ class Contract:
             "attention_mask": ("int64", (BATCH, TOTAL)),
             "position_ids": ("int64", (BATCH, SEQUENCE)),
         }
-        return spec | {name: (self.dtype, self.cache_shape(BATCH, PAST)) for name in self.past_names()}
+        past = self.cache_shape(BATCH, self.cache.past_axis)
+        return spec | {name: (self.dtype, past) for name in self.past_names()}
 
     def output_spec(self) -> dict[str, tuple[str, tuple[int | str, ...]]]:
         spec = {"logits": ("float32", (BATCH, SEQUENCE, self.vocab_size))}
-        return spec | {name: (self.dtype, self.cache_shape(BATCH, TOTAL)) for name in self.present_names()}
+        present = self.cache_shape(BATCH, self.cache.present_axis)
+        return spec | {name: (self.dtype, present) for name in self.present_names()}
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        """A zero-length cache for `batch` sequences: the first call's past."""
-        return [np.zeros(self.cache_shape(batch, 0), dtype=self.np_dtype) for _ in self.past_names()]
+    def cache_slots(self, tokens: int | None) -> int:
+        """Length of the first call's past for sequences that will hold `tokens` tokens in all
+        (None: as many as the bundle allows). Version 1 starts empty; version 2 allocates once."""
+        if not self.cache.in_place:
+            return 0
+        limit = self.max_length or 0
+        if tokens is not None and tokens > limit:
+            raise CapacityError(
+                f"{tokens} tokens (prompt + new) do not fit this bundle's cache (max_length {limit}); "
+                "convert again with a larger --max-length"
+            )
+        return self.prefix_slots + (limit if tokens is None else tokens)
 
     def sequence_rows(self, sequences: Sequence[int] | np.ndarray) -> np.ndarray:
         """Indices along a cache tensor's first axis that hold `sequences`, in their order:
@@ -127,9 +172,28 @@ class Contract:
             joined.append(np.concatenate(padded, axis=0))
         return joined
 
-    def check_outputs(self, outputs: dict[str, np.ndarray], batch: int, seq: int, past: int) -> list[str]:
-        """Every way `outputs` breaks the contract for one call; empty when it holds."""
+    def empty_past(self, batch: int, tokens: int | None = None) -> list[np.ndarray]:
+        """The first call's past for `batch` sequences: zero-length (version 1) or zero-filled
+        buffers with room for `tokens` tokens (version 2)."""
+        shape = self.cache_shape(batch, self.cache_slots(tokens))
+        return [np.zeros(shape, dtype=self.np_dtype) for _ in self.past_names()]
+
+    def check_room(self, slots: int, total: int) -> None:
+        """Refuse a call after which a sequence would hold `total` tokens in a past of `slots`
+        slots: a fixed buffer never wraps or grows silently."""
+        if self.cache.in_place and self.prefix_slots + total > slots:
+            raise CapacityError(
+                f"the cache is full: this call needs room for {total} tokens, the buffers hold "
+                f"{slots - self.prefix_slots} (max_length {self.max_length}); start a new sequence"
+            )
+
+    def check_outputs(
+        self, outputs: dict[str, np.ndarray], batch: int, seq: int, past: int, slots: int = 0
+    ) -> list[str]:
+        """Every way `outputs` breaks the contract for one call (`slots`: the buffers' length,
+        version 2); empty when it holds."""
         sizes = {BATCH: batch, SEQUENCE: seq, PAST: past, TOTAL: past + seq, ROWS: self.parscale_n * batch}
+        sizes[CAPACITY] = slots
         problems = []
         for name, (dtype, shape) in self.output_spec().items():
             if name not in outputs:
@@ -148,9 +212,10 @@ class Contract:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Contract:
-        if data.get("version") != CONTRACT_VERSION:
+        if data.get("version") not in CACHE_KINDS:
             raise BundleError(
-                f"bundle uses contract version {data.get('version')!r}; this tool reads {CONTRACT_VERSION}"
+                f"bundle uses contract version {data.get('version')!r}; "
+                f"this tool reads {', '.join(map(str, CACHE_KINDS))}"
             )
         try:
             contract = cls(**data)
@@ -160,6 +225,10 @@ class Contract:
             raise BundleError(f"manifest names cache dtype {contract.dtype!r}; expected one of {', '.join(DTYPES)}")
         if contract.cache_layout not in CACHE_LAYOUTS:
             raise BundleError(f"manifest names cache layout {contract.cache_layout!r}")
+        if contract.cache.in_place and not (
+            contract.cache_layout == "heads" and isinstance(contract.max_length, int) and contract.max_length > 0
+        ):
+            raise BundleError("contract version 2 needs the heads layout and a positive max_length")
         return contract
 
 

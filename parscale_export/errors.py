@@ -30,6 +30,10 @@ class BundleError(ParScaleExportError):
     """An exported bundle is missing, corrupt or does not follow the contract."""
 
 
+class CapacityError(ParScaleExportError):
+    """A fixed-capacity cache (contract version 2) has no room for the tokens asked of it."""
+
+
 class OutputError(ParScaleExportError):
     """The output location cannot be used."""
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnxscript.onnx_opset import opset24
+from onnxscript.rewriter import onnx_fusions
 from torch import Tensor, nn
 from torch.export import Dim
 
@@ -32,14 +34,16 @@ from . import __version__
 from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
 from .checkpoint import load_weights, weights_digest
 from .config import ModelConfig, load_config, special_tokens
-from .contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
+from .contract import BATCH, CACHE_KINDS, CACHE_NAMES, SEQUENCE, TOTAL, Contract
 from .environment import package_versions
 from .errors import BundleError, OutputError, UsageError
 from .genai import GENAI_CONFIG, genai_config
 from .model import ParScaleForCausalLM, build_model
 from .quantize import BITS, quantize_in_place
 
-OPSET = 23  # gives ONNX's fused Attention op and RMSNormalization; fastest on CPU in our study
+# Contract v1 exports at opset 23 by default (ONNX's fused Attention op and RMSNormalization;
+# fastest on CPU in our study); v2 needs 24, for TensorScatter. The contract's CacheKind says which.
+OPSET = 23
 # --opset: below 23 torch.onnx writes attention and RMSNorm as MatMul, Softmax, ReduceMean...;
 # 18 is its own base opset (lower ones go through onnx's version converter, which fails on this
 # graph's dynamic axes and leaves the model at 18).
@@ -63,38 +67,57 @@ class ConvertResult:
 class ExportGraph(nn.Module):
     """The model with a flat signature: ids, mask, positions, then past key/value per layer.
 
-    With `heads_layout` the cache is declared [B, P*KV, L, D] (what onnxruntime-genai expects)
-    instead of [B*P, KV, L, D]; the reshapes between the two are free and cancel in the graph.
-    Such graphs are also `packed` (model.PackedSlots): genai's batching pads rows on the right.
+    Contract v1 with the heads layout declares the cache [B, P*KV, L, D] (what onnxruntime-genai
+    expects) instead of [B*P, KV, L, D]; the reshapes between the two are free in PyTorch, but
+    ONNX Runtime copies at a graph boundary. Contract v2 declares its buffers in the layout
+    attention runs in, so they pass through untouched.
+    Heads-layout v1 graphs (--genai) are also `packed` (model.PackedSlots): genai's batching
+    pads rows on the right.
     """
 
-    def __init__(self, lm: ParScaleForCausalLM, heads_layout: bool = False) -> None:
+    def __init__(self, lm: ParScaleForCausalLM, contract: Contract) -> None:
         super().__init__()
         self.lm = lm
-        self.heads_layout = heads_layout
+        self.in_place = contract.cache.in_place
+        self.reshape = self.packed = contract.cache_layout == "heads" and not self.in_place
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]):
         c = self.lm.config
-        if self.heads_layout:
+        if self.reshape:
             past = tuple(t.reshape(-1, c.num_kv_heads, t.shape[2], c.head_dim) for t in past)
         pairs = list(zip(past[0::2], past[1::2], strict=True))
-        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs, packed=self.heads_layout)
+        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs, self.packed, self.in_place)
         flat = [t for kv in presents for t in kv]
-        if self.heads_layout:
+        if self.reshape:
             batch = input_ids.shape[0]
             flat = [t.reshape(batch, c.parscale_n * c.num_kv_heads, t.shape[2], c.head_dim) for t in flat]
         return (logits, *flat)
 
 
-def contract_for(config: ModelConfig, dtype: str, genai: bool = False) -> Contract:
+def _tensor_scatter(buffer, update, start):
+    """model.cache_write in ONNX: one TensorScatter along the slot axis, in place in ONNX Runtime
+    when past and present share memory."""
+    return opset24.TensorScatter(buffer, update, start, axis=2)
+
+
+def contract_for(
+    config: ModelConfig, dtype: str, genai: bool = False, cache: str = "dynamic", max_length: int | None = None
+) -> Contract:
+    """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2 (which
+    needs `max_length`, the most tokens a sequence may hold, and always uses the heads layout)."""
+    version = CACHE_NAMES[cache]
+    static = cache == "static"
     return Contract(
-        cache_layout="heads" if genai else "rows",
+        cache_layout="heads" if genai or static else "rows",
         num_layers=config.num_layers,
         parscale_n=config.parscale_n,
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
         dtype=CACHE_DTYPES[dtype],
+        version=version,
+        prefix_slots=config.parscale_n_tokens if static else 0,
+        max_length=max_length if static else None,
     )
 
 
@@ -105,28 +128,42 @@ def convert(
     force: bool = False,
     genai: bool = False,
     quantize: str | None = None,
-    opset: int = OPSET,
+    opset: int | None = None,
+    cache: str = "dynamic",
+    max_length: int | None = None,
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses.
 
     `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds genai_config.json,
     so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or "int4") turns
-    the linear layers' weights into MatMulNBits blocks after export. `opset` below 23 writes
-    attention and normalisation from primitive ops, for older runtimes."""
+    the linear layers' weights into MatMulNBits blocks after export. `cache` "static" writes
+    contract v2 (fixed buffers of `max_length` tokens, written in place); "dynamic" v1. `opset`
+    (default: the contract's, 23 for v1, 24 for v2) below 23 writes attention and normalisation
+    from primitive ops, for older runtimes (contract v1 only)."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
-    if opset not in OPSETS:
-        raise OutputError(f"--opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
     if quantize is not None and quantize not in BITS:
         raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
-    if dtype == "bf16" and (quantize or genai):
+    if dtype == "bf16" and (quantize or genai or cache == "static"):
         raise UsageError(
-            "--dtype bf16 goes with neither --quantize nor --genai yet: neither path has been run on a "
-            "GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16 or fp32"
+            "--dtype bf16 goes with neither --quantize, --genai nor --cache static yet: none of them has "
+            "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
         )
+    if cache not in CACHE_NAMES:
+        raise OutputError(f"--cache {cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
+    if (cache == "static") != (max_length is not None):
+        raise OutputError("--max-length goes with --cache static, and --cache static needs --max-length")
+    if max_length is not None and max_length < 1:
+        raise OutputError(f"--max-length {max_length} must be at least 1")
+    needed = CACHE_KINDS[CACHE_NAMES[cache]].opset
+    opset = needed if opset is None else opset
+    if cache == "static" and opset != needed:
+        raise UsageError(f"--cache static needs opset {needed} (TensorScatter); drop --opset")
+    if cache == "dynamic" and opset not in OPSETS:
+        raise OutputError(f"--opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
     _check_target(out_dir, checkpoint_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")
@@ -141,7 +178,7 @@ def convert(
     digest = weights_digest(checkpoint_dir)
     model = build_model(config, weights, EXPORT_DTYPES[dtype])
     del weights
-    contract = contract_for(config, dtype, genai)
+    contract = contract_for(config, dtype, genai, cache, max_length)
     tokens = special_tokens(checkpoint_dir)
     if genai:
         genai_settings, notes = genai_config(config, contract, tokens)
@@ -180,7 +217,8 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
     c = model.config
     batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
     dtype = model.lm_head.weight.dtype
-    cache = tuple(torch.zeros(contract.cache_shape(batch, past), dtype=dtype) for _ in contract.past_names())
+    length = contract.cache_slots(past + seq + 2) if contract.cache.in_place else past
+    cache = tuple(torch.zeros(contract.cache_shape(batch, length), dtype=dtype) for _ in contract.past_names())
     args = (
         torch.zeros(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
@@ -189,7 +227,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
     )
     b = Dim(BATCH, min=1, max=1 << 16)
     s = Dim(SEQUENCE, min=1, max=1 << 20)
-    p = Dim(PAST, min=0, max=1 << 20)
+    p = Dim(contract.cache.past_axis, min=0 if not contract.cache.in_place else 2, max=1 << 20)
     t = Dim(TOTAL, min=1, max=1 << 21)
     rows = b * c.parscale_n if c.parscale_n > 1 and contract.cache_layout == "rows" else b
     dynamic_shapes = {
@@ -200,19 +238,34 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
     }
     with _quiet_exporter(log):
         program = torch.onnx.export(
-            ExportGraph(model, heads_layout=contract.cache_layout == "heads").eval(),
+            ExportGraph(model, contract).eval(),
             args,
             dynamo=True,
             opset_version=opset,
             dynamic_shapes=dynamic_shapes,
             input_names=contract.input_names(),
             output_names=contract.output_names(),
+            custom_translation_table={torch.ops.parscale.cache_write.default: _tensor_scatter},
         )
+        _fuse_norms(program.model)
         log("  writing model.onnx and its external data")
         program.save(str(path), external_data=True)
     _finish_proto(path, opset)
     if not (path.parent / DATA_FILE).is_file():
         raise BundleError(f"exporter did not write {DATA_FILE} beside {MODEL_FILE}")
+
+
+def _fuse_norms(model) -> None:
+    """onnxscript fuses RMSNorm into ONNX RMSNormalization only in opset-23 models (so only for
+    contract v1); the op is unchanged in opset 24, so let v2's graph have it too (17 fused ops per
+    mid-size step instead of 85 small ones)."""
+    opset = model.opset_imports[""]
+    if opset > 23:
+        model.opset_imports[""] = 23
+        try:
+            onnx_fusions.fuse(model)
+        finally:
+            model.opset_imports[""] = opset
 
 
 def _finish_proto(path: Path, opset: int) -> None:

@@ -2,7 +2,11 @@
 
 genai drives the graph as if it were a plain Qwen2 with P*heads query heads and P*kv_heads
 key/value heads: the bundle's cache is declared [batch, P*kv_heads, seq, head_dim] (contract
-cache_layout "heads"), the prefix lives inside the graph, and present length = total length.
+cache_layout "heads"). Contract v1: the prefix lives inside the graph and present length =
+total length. Contract v2: genai allocates one buffer of max_length slots per cache tensor and
+binds it as past and present (`past_present_share_buffer`); our graph also keeps the T prefix
+slots there, so a genai max_length of L holds L - T tokens (a longer run stops with ONNX
+Runtime's TensorScatter error, never a silent wrap).
 """
 
 from __future__ import annotations
@@ -57,9 +61,11 @@ def genai_config(
         "num_key_value_heads": n * config.num_kv_heads,
     }
     assert contract.cache_layout == "heads", "genai needs the heads cache layout"
+    # genai sizes a shared buffer by max_length: leave room for the prefix's slots too.
+    length = contract.max_length + contract.prefix_slots if contract.cache.in_place else config.max_position_embeddings
     model = {
         "bos_token_id": bos,
-        "context_length": config.max_position_embeddings,
+        "context_length": length,
         "decoder": decoder,
         "eos_token_id": eos if len(eos) > 1 else eos[0],
         "pad_token_id": pad,
@@ -71,12 +77,12 @@ def genai_config(
         "do_sample": False,
         "early_stopping": True,
         "length_penalty": 1.0,
-        "max_length": config.max_position_embeddings,
+        "max_length": length,
         "min_length": 0,
         "no_repeat_ngram_size": 0,
         "num_beams": 1,
         "num_return_sequences": 1,
-        "past_present_share_buffer": False,  # our present is a new tensor, past + new tokens
+        "past_present_share_buffer": contract.cache.in_place,  # v1: present is a new tensor, past + new
         "repetition_penalty": 1.0,
         "temperature": 1.0,
         "top_k": 1,

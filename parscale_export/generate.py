@@ -75,7 +75,7 @@ def generate(
     rng = np.random.default_rng(sampling.seed)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), dtype=bool)
-    logits, state = engine.prefill(ids, mask)
+    logits, state = engine.prefill(ids, mask, reserve=max_new_tokens - 1)
     for step in range(max_new_tokens):
         tokens = choose(logits[:, -1], sampling, rng)
         for row in np.flatnonzero(~done):

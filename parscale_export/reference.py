@@ -39,5 +39,5 @@ class Reference(Stepper):
         )
         return logits.numpy(), [t for kv in presents for t in kv]
 
-    def empty_past(self, batch: int) -> list[torch.Tensor]:
+    def empty_past(self, batch: int, tokens: int | None = None) -> list[torch.Tensor]:
         return [t for kv in self.model.empty_cache(batch) for t in kv]

@@ -150,45 +150,57 @@ class Runtime(Stepper):
             )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
-        """One call of the graph. On CPU the cache is numpy; on CUDA it stays on the device as
-        OrtValues between calls (IO binding), and only the logits come back to the host."""
+        """One call of the graph. Contract v1 on CPU runs on numpy. Otherwise the cache lives in
+        OrtValues (IO binding): on CUDA it stays on the device between calls, and an in-place
+        cache (contract v2) is bound as both past and present, so no call copies it. Only the
+        logits come back to the host."""
+        self.contract.check_room(_slots(past[0]), attention_mask.shape[1])
         feeds = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": positions(attention_mask, input_ids.shape[1]),
         }
-        if self.provider == "cuda":
-            return self._run_on_device(feeds, past)
-        feeds |= dict(zip(self.contract.past_names(), past, strict=True))
-        logits, *present = self.session.run(self.contract.output_names(), feeds)
-        return logits, present
+        if self.provider == "cpu" and not self.contract.cache.in_place:
+            feeds |= dict(zip(self.contract.past_names(), past, strict=True))
+            logits, *present = self.session.run(self.contract.output_names(), feeds)
+            return logits, present
+        return self._run_bound(feeds, past)
 
-    def _run_on_device(self, feeds: dict[str, np.ndarray], past: list) -> tuple[np.ndarray, list]:
+    def _run_bound(self, feeds: dict[str, np.ndarray], past: list) -> tuple[np.ndarray, list]:
+        device = "cuda" if self.provider == "cuda" else "cpu"
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        for name, value in zip(self.contract.past_names(), past, strict=True):
-            if isinstance(value, np.ndarray):  # a cache the caller built on the host
-                binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the order of binding
+        past = [self._on_device(value) for value in past]
+        names = zip(self.contract.past_names(), self.contract.present_names(), past, strict=True)
+        for past_name, present_name, value in names:
+            binding.bind_ortvalue_input(past_name, value)
+            if self.contract.cache.in_place:
+                binding.bind_ortvalue_output(present_name, value)  # written in place: present is past
             else:
-                binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self.contract.present_names():
-            binding.bind_output(name, "cuda", 0)
+                binding.bind_output(present_name, device, 0)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
-        return logits.numpy(), present
+        return logits.numpy(), past if self.contract.cache.in_place else present
 
-    def empty_past(self, batch: int) -> list:
-        """Zero-length caches: numpy on the CPU, OrtValues on the device on CUDA (bfloat16 has no
-        numpy type, and the cache never leaves the device anyway)."""
+    def _on_device(self, value: np.ndarray | ort.OrtValue) -> ort.OrtValue:
+        """An OrtValue where this session computes (a CPU one shares the numpy array's memory)."""
+        if isinstance(value, ort.OrtValue):
+            return value
+        return ort.OrtValue.ortvalue_from_numpy(value, "cuda" if self.provider == "cuda" else "cpu", 0)
+
+    def empty_past(self, batch: int, tokens: int | None = None) -> list:
+        """The contract's first past. An in-place cache (v2) is allocated here, once, zeroed, as
+        OrtValues where the session computes; on CUDA a v1 past is a zero-length device OrtValue
+        (bfloat16 has no numpy type, and the cache never leaves the device anyway)."""
+        if self.contract.cache.in_place:
+            return [self._on_device(value) for value in self.contract.empty_past(batch, tokens)]
         if self.provider != "cuda":
             return self.contract.empty_past(batch)
         shape = self.contract.cache_shape(batch, 0)
-        element = self.contract.onnx_element_type
-        return [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, element, "cuda", 0) for _ in self.contract.past_names()
-        ]
+        allocate = ort.OrtValue.ortvalue_from_shape_and_type
+        return [allocate(shape, self.contract.onnx_element_type, "cuda", 0) for _ in self.contract.past_names()]
 
     def placement(self) -> Placement:
         """Stop profiling and say which provider ran each op type so far. Needs `profile=True`
@@ -200,6 +212,12 @@ class Runtime(Stepper):
         finally:
             shutil.rmtree(self._profile_dir, ignore_errors=True)
             self._profile_dir = None
+
+
+def _slots(value: np.ndarray | ort.OrtValue) -> int:
+    """Length of a cache tensor's slot axis, without copying it from the device."""
+    shape = value.shape() if isinstance(value, ort.OrtValue) else value.shape
+    return shape[2]
 
 
 def load_family(

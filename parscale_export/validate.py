@@ -209,13 +209,14 @@ class _CheckedRuntime(Stepper):
         batch, seq = input_ids.shape
         described = [p if isinstance(p, np.ndarray) else _Described(p) for p in present]
         outputs = dict(zip(contract.output_names(), [logits, *described], strict=True))
-        for problem in contract.check_outputs(outputs, batch, seq, attention_mask.shape[1] - seq):
+        slots = past[0].shape[2] if isinstance(past[0], np.ndarray) else _Described(past[0]).shape[2]
+        for problem in contract.check_outputs(outputs, batch, seq, attention_mask.shape[1] - seq, slots):
             if problem not in self.problems:
                 self.problems.append(problem)
         return logits, present
 
-    def empty_past(self, batch):
-        return self.runtime.empty_past(batch)
+    def empty_past(self, batch, tokens=None):
+        return self.runtime.empty_past(batch, tokens)
 
 
 def _decode(
@@ -247,7 +248,7 @@ def compare(
     phases = []
 
     log(f"prefill: batch {settings.batch}, {settings.prompt_length} tokens, left padding")
-    got, bundle_state = bundle.prefill(ids, mask)
+    got, bundle_state = bundle.prefill(ids, mask, reserve=settings.decode_steps)
     want, ref_state = reference.prefill(ids, mask)
     prefill = _Comparison()
     prefill.add(got, want, real)
@@ -259,7 +260,7 @@ def compare(
 
     log("chunked prefill: the same prompts in two calls (past > 0, sequence > 1)")
     split = settings.prompt_length // 2
-    first, state = bundle.prefill(ids[:, :split], mask[:, :split])
+    first, state = bundle.prefill(ids[:, :split], mask[:, :split], reserve=settings.prompt_length - split)
     second, _ = bundle.run(ids[:, split:], mask, state.past)  # the full mask: the chunk may hold padding
     chunked = _Comparison()
     chunked.add(np.concatenate([first, second], axis=1), want, real)
@@ -267,7 +268,7 @@ def compare(
 
     log("batch 1: the first prompt alone")
     one_ids, one_mask = ids[:1, real[0]], mask[:1, real[0]]
-    got1, b_state = bundle.prefill(one_ids, one_mask)
+    got1, b_state = bundle.prefill(one_ids, one_mask, reserve=settings.decode_steps)
     want1, r_state = reference.prefill(one_ids, one_mask)
     single = _decode(bundle, reference, (got1, want1), (b_state, r_state), settings.decode_steps)
     single.add(got1, want1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
@@ -21,15 +22,20 @@ def main() -> None:
     parser.add_argument("-n", "--max-new-tokens", type=int, default=8)
     args = parser.parse_args()
     prompt = [int(t) for t in args.input_ids.split()]
+    # A contract-v2 bundle keeps the learned prefix in genai's shared buffer, whose length is
+    # max_length: leave room for its slots, and stop after the tokens asked for.
+    contract = json.loads((Path(args.bundle) / "manifest.json").read_text())["contract"]
     model = og.Model(args.bundle)
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + args.max_new_tokens)
+    length = len(prompt) + args.max_new_tokens + contract.get("prefix_slots", 0)
+    params.set_search_options(do_sample=False, max_length=length)
     generator = og.Generator(model, params)
     generator.append_tokens(np.array([prompt], dtype=np.int32))
-    while not generator.is_done():
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < args.max_new_tokens:
         generator.generate_next_token()
-    sequence = [int(t) for t in generator.get_sequence(0)]
-    print(json.dumps({"tokens": sequence[len(prompt) :]}))
+        tokens.append(int(generator.get_next_tokens()[0]))
+    print(json.dumps({"tokens": tokens}))
 
 
 if __name__ == "__main__":

@@ -28,18 +28,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
+STATIC_MAX_LENGTH = 40  # --max-length of the static-cache bundles tests make: small, so capacity is reachable
+
+
 class BundleCache:
-    """Converts each (checkpoint, dtype) once per test session."""
+    """Converts each (checkpoint, dtype, cache) once per test session; cache "static" is
+    contract v2 with max_length STATIC_MAX_LENGTH."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.done: dict[tuple[Path, str], Path] = {}
+        self.done: dict[tuple[Path, str, str], Path] = {}
 
-    def __call__(self, checkpoint: Path, dtype: str = "fp32") -> Path:
-        key = (Path(checkpoint), dtype)
+    def __call__(self, checkpoint: Path, dtype: str = "fp32", cache: str = "dynamic") -> Path:
+        key = (Path(checkpoint), dtype, cache)
         if key not in self.done:
-            out = self.root / f"{Path(checkpoint).name}-{dtype}-{len(self.done)}"
-            convert(checkpoint, out, dtype=dtype)
+            out = self.root / f"{Path(checkpoint).name}-{dtype}-{cache}-{len(self.done)}"
+            max_length = STATIC_MAX_LENGTH if cache == "static" else None
+            convert(checkpoint, out, dtype=dtype, cache=cache, max_length=max_length)
             self.done[key] = out
         return self.done[key]
 

@@ -31,3 +31,13 @@ def test_checkpoint_with_several_bundles_is_a_usage_error(bundle, capsys) -> Non
     args = ["bench", str(bundle(TINY)), str(bundle(TINY)), "--checkpoint", str(TINY)]
     assert main(args) == 2
     assert "--checkpoint applies to one bundle" in capsys.readouterr().err
+
+
+def test_several_prompt_lengths_give_step_time_vs_context(bundle, capsys) -> None:
+    args = ["bench", str(bundle(TINY)), str(bundle(TINY, cache="static")), "--batch", "1", "--steps", "2"]
+    args += ["--rounds", "2"]
+    assert main([*args, "--prompt-length", "4", "--prompt-length", "12", "--provider", "cpu", "--no-reference"]) == 0
+    out, err = capsys.readouterr()
+    assert "step time vs context" in out and "round 2/2" in err
+    context_lines = out.split("step time vs context")[1].strip().splitlines()[1:]
+    assert len(context_lines) == 2 and all("4: " in line and "12: " in line for line in context_lines)

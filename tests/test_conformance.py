@@ -1,4 +1,5 @@
-"""The PyTorch reference and the ONNX export both reproduce the official ParScale outputs."""
+"""The PyTorch reference and the ONNX export, with either cache contract, reproduce the
+official ParScale outputs."""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ TOL = 1e-4  # float32; observed ~2e-6
 def engine(kind: str, name: str, bundle) -> Stepper:
     if kind == "reference":
         return Reference.from_checkpoint(CONFORMANCE / name)
-    return Runtime(bundle(CONFORMANCE / name))
+    return Runtime(bundle(CONFORMANCE / name, cache="static" if kind == "onnx-static" else "dynamic"))
 
 
-@pytest.fixture(params=["reference", "onnx"])
+@pytest.fixture(params=["reference", "onnx", "onnx-static"])
 def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=["dynamic", "static"])
+def cache(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
@@ -73,7 +79,7 @@ def test_unpadded_single_sequence_matches_padded_batch(kind: str, name: str, bun
 
 
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
-def test_onnx_outputs_follow_the_contract(name: str, bundle) -> None:
+def test_onnx_outputs_follow_contract_v1(name: str, bundle) -> None:
     ref = official(name)
     runtime = Runtime(bundle(CONFORMANCE / name))
     contract = runtime.contract
@@ -93,8 +99,9 @@ def test_onnx_outputs_follow_the_contract(name: str, bundle) -> None:
 
 
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
-def test_graph_inputs_and_outputs_are_declared_as_the_contract_says(name: str, bundle) -> None:
-    runtime = Runtime(bundle(CONFORMANCE / name))
+def test_graph_inputs_and_outputs_are_declared_as_the_contract_says(name: str, cache: str, bundle) -> None:
+    runtime = Runtime(bundle(CONFORMANCE / name, cache=cache))
+    assert runtime.contract.version == {"dynamic": 1, "static": 2}[cache]
     declared = runtime.session.get_inputs(), runtime.session.get_outputs()
     specs = runtime.contract.input_spec(), runtime.contract.output_spec()
     for values, spec in zip(declared, specs, strict=True):

@@ -41,6 +41,23 @@ def genai_bundles(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
+def test_genai_drives_contract_v2_with_a_shared_buffer(name: str, tmp_path) -> None:
+    out = tmp_path / name
+    assert main(["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", "static",
+                 "--max-length", "32"]) == 0  # fmt: skip
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert (
+        config["search"]["max_length"]
+        == 32 + json.loads((out / "manifest.json").read_text())["model"]["parscale_n_tokens"]
+    )
+    ref = official(name)
+    for row in range(3):
+        ids = ref["input_ids"][row][ref["attention_mask"][row] == 1]
+        assert genai_greedy(out, ids, ref["step_tokens"].shape[1]) == ref["step_tokens"][row].tolist()
+
+
+@pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
 def test_genai_gives_the_official_greedy_tokens(name: str, genai_bundles: dict) -> None:
     ref = official(name)
     for row in range(3):
@@ -98,3 +115,14 @@ def test_genai_runs_every_p_of_a_family(tmp_path) -> None:
         ours = Runtime(out, parallel=size).greedy(np.array([ids]), np.ones((1, 4), np.int64), 6)[0].tolist()
         theirs = genai_greedy(folder, ids, 6)
         assert theirs == ours[: len(theirs)] and len(theirs) >= 1
+
+
+def test_genai_bench_times_both_contracts_with_the_same_tokens(genai_bundles: dict, tmp_path) -> None:
+    static = tmp_path / "static"
+    assert main(["convert", str(TINY), "-o", str(static), "--genai", "--cache", "static", "--max-length", "64"]) == 0
+    args = [GENAI_PYTHON, str(ROOT / "scripts" / "genai_bench.py"), str(genai_bundles["tiny-parscale"]), str(static)]
+    args += ["--context", "5", "--context", "9", "--steps", "3", "--rounds", "1", "--vocab", "256"]
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["context"] for r in result["results"]] == [5, 9]
+    assert all(r["tokens_agree"] and len(r["ms_per_step"]) == 2 for r in result["results"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from conftest import ROOT, TRAINED
+from conftest import ROOT, TINY, TRAINED
 
 from parscale_export.runtime import Runtime
 
@@ -33,3 +33,15 @@ def test_readme_library_example_runs(bundle) -> None:
     exec(code.replace('"build/demo-bundle"', repr(str(path))), namespace)
     eos = Runtime(path).manifest.eos_ids
     assert all(len(t) == 16 or t[-1] in eos for t in namespace["tokens"]), namespace["tokens"]
+
+
+def test_readme_static_cache_example_generates_what_the_runtime_generates(bundle) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (code,) = [b for b in blocks if 'bundle = "build/demo-bundle-static"' in b]
+    path = bundle(TINY, cache="static")
+    namespace: dict = {}
+    exec(code.replace('bundle = "build/demo-bundle-static"', f"bundle = {str(path)!r}"), namespace)
+    ids = np.array([[72, 101, 108, 108, 111], [0, 0, 72, 105, 33]])
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    expected = Runtime(bundle(TINY)).greedy(ids, mask, steps=5)  # contract v1 gives the same tokens
+    np.testing.assert_array_equal(np.stack(namespace["generated"], axis=1), expected)

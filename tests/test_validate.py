@@ -33,9 +33,18 @@ def test_correct_bundle_passes_on_cpu_and_says_so(bundle, tmp_path, capsys) -> N
     assert data["versions"]["torch"] and data["device"] and data["thresholds"]["max_abs"] == 1e-3
 
 
-def test_p1_and_sharded_bf16_bundles_pass(bundle) -> None:
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_p1_and_sharded_bf16_bundles_pass(cache: str, bundle) -> None:
     for name in ("p1_plain_mqa", "p2_gqa_bf16_sharded"):
-        assert main(["validate", str(bundle(CONFORMANCE / name)), "--provider", "cpu"]) == 0
+        assert main(["validate", str(bundle(CONFORMANCE / name, cache=cache)), "--provider", "cpu"]) == 0
+
+
+def test_static_cache_bundle_passes(bundle, tmp_path) -> None:
+    report = tmp_path / "report.json"
+    assert main(["validate", str(bundle(TINY, cache="static")), "--provider", "cpu", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "pass" and not data["contract_problems"]
+    assert all(p["max_abs"] < 1e-4 and p["top1"] == 1.0 for p in data["phases"])
 
 
 def scale_one_prefix(t) -> None:
@@ -53,12 +62,13 @@ def swap_streams(t) -> None:
             t[name] = tensor[[1, 0, 2, 3]].contiguous()
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize(("dtype", "cache"), [("fp32", "dynamic"), ("fp16", "dynamic"), ("fp32", "static")])
 @pytest.mark.parametrize("change", [scale_one_prefix, move_one_aggregation_bias, swap_streams])
-def test_drifted_weights_fail_with_exit_1(change, dtype, bundle, tmp_path, capsys) -> None:
+def test_drifted_weights_fail_with_exit_1(change, dtype: str, cache: str, bundle, tmp_path, capsys) -> None:
     drifted = drifted_copy(tmp_path, change.__name__, change)
     report = tmp_path / "report.json"
-    code = main(["validate", str(bundle(drifted, dtype)), "--checkpoint", str(TINY), "--report", str(report)])
+    path = bundle(drifted, dtype, cache=cache)
+    code = main(["validate", str(path), "--checkpoint", str(TINY), "--report", str(report)])
     out, err = capsys.readouterr()
     assert code == 1, out + err
     assert "FAIL" in out and "validation failed" in err
