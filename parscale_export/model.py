@@ -150,8 +150,8 @@ class Attention(nn.Module):
         """Grouped-query attention with each key/value head's H/KV query heads stacked along the
         query axis, [B, P*H, S, D] -> [B, P*KV, (H/KV)*S, D] (query head p*H + j*g + i is row
         i*S + s of key/value head p*KV + j): the same result, but ONNX Runtime's CPU kernel then
-        reads each cached head once, not once per query head (about 20% less attention time on
-        a 2048-slot buffer in scripts/cache_microbench.py's shape)."""
+        reads each cached head once, not once per query head (8 layers of the mid-size P=4
+        shape over 2160 slots, one thread: 7.9 -> 6.4 ms of CPU time per step)."""
         batch, heads, seq, d = q.shape
         group = self.n_heads // self.n_kv
         if group == 1:
