@@ -71,7 +71,7 @@ class ExportGraph(nn.Module):
     expects) instead of [B*P, KV, L, D]; the reshapes between the two are free in PyTorch, but
     ONNX Runtime copies at a graph boundary. Contract v2 declares its buffers in the layout
     attention runs in, so they pass through untouched.
-    Heads-layout v1 graphs (--genai) are also `packed` (model.PackedSlots): genai's batching
+    Heads-layout graphs (--genai, and every v2 graph) are also `packed` (model.PackedSlots): genai's batching
     pads rows on the right.
     """
 
@@ -79,7 +79,10 @@ class ExportGraph(nn.Module):
         super().__init__()
         self.lm = lm
         self.in_place = contract.cache.in_place
-        self.reshape = self.packed = contract.cache_layout == "heads" and not self.in_place
+        self.reshape = contract.cache_layout == "heads" and not self.in_place
+        # Packed (model.PackedSlots) wherever genai may drive the graph: the heads layout, which
+        # v2 always has. With the left padding our runtime feeds, packed is the same computation.
+        self.packed = contract.cache_layout == "heads"
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]):
         c = self.lm.config

@@ -29,7 +29,7 @@ from .bundle import (
 from .checkpoint import expected_shapes, weight_files
 from .config import ModelConfig, load_config
 from .datafile import SharedStore
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import CheckpointError, ConfigError, OutputError, UsageError
 from .export import ConvertResult, Log, _check_target, _move_into_place, _staging_dir, convert
 from .genai import GENAI_CONFIG
 from .jsonfile import read_json_object
@@ -128,12 +128,18 @@ def convert_family(
     force: bool = False,
     genai: bool = False,
     quantize: str | None = None,
+    opset: int | None = None,
+    cache: str = "dynamic",
+    max_length: int | None = None,
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export each checkpoint, then store the weights the graphs share once. Nothing is written
-    until every check has passed; the bundle appears at `out_dir` only when complete."""
+    until every check has passed; the bundle appears at `out_dir` only when complete. Members
+    use contract v1: a family of in-place (v2) graphs has not been built or tested yet."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    if cache != "dynamic" or max_length is not None:
+        raise UsageError("a family bundle is written with --cache dynamic (contract v1) for now")
     for checkpoint in checkpoints:
         _check_target(out_dir, Path(checkpoint), force)
     log(f"checking that {len(checkpoints)} checkpoints share one backbone")
@@ -149,7 +155,7 @@ def convert_family(
             p = m.config.parscale_n
             log(f"exporting P={p} from {m.checkpoint}")
             part = staging / f".member-p{p}"
-            options = dict(dtype=dtype, genai=genai, quantize=quantize)
+            options = dict(dtype=dtype, genai=genai, quantize=quantize, opset=opset)
             convert(m.checkpoint, part, **options, log=lambda s: log("  " + s))
             manifests[p] = read_json_object(part / MANIFEST_FILE, OutputError)
             log(f"  storing P={p}'s weights beside those already stored")

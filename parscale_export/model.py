@@ -264,17 +264,18 @@ class PackedSlots:
     Row b's S new tokens end at the last 1 of its mask, so they take columns
     start[b] + s with start[b] = max(last[b] + 1 - S, 0): with left padding the last S columns,
     as in the default layout; with right padding (onnxruntime-genai's batches) right after the
-    row's own tokens, overwriting what a padded column left there. The present is
+    row's own tokens, overwriting what a padded column left there. Contract v1: the present is
     max(past, total) long: total when genai passes a growing cache, past when it shares one
-    buffer between past and present.
+    buffer between past and present. Contract v2: the buffer has a fixed capacity and the
+    prefix follows each row's new tokens, at start[b] + S.
     """
 
     def __init__(self, attention_mask: Tensor, seq: int, past_length: int | torch.SymInt) -> None:
         total = attention_mask.shape[1]
         columns = torch.arange(total, device=attention_mask.device)
         last = (attention_mask * columns).amax(-1)  # [B]: the last real column
-        start = (last + 1 - seq).clamp(min=0)
-        self.columns = (start[:, None] + torch.arange(seq, device=attention_mask.device)).clamp(max=total - 1)  # [B, S]
+        self.start = (last + 1 - seq).clamp(min=0)  # [B]
+        self.columns = (self.start[:, None] + torch.arange(seq, device=attention_mask.device)).clamp(max=total - 1)
         self.length = torch.sym_max(past_length, total)
         self.mask = attention_mask
 
@@ -294,6 +295,20 @@ class PackedSlots:
         visible = (real[:, None, :] & (keys <= query)) | (keys == query)  # [B, S, L]
         bias = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
         return torch.cat((bias.new_zeros(batch, 1, bias.shape[2], n_prefix), bias), dim=-1) if n_prefix else bias
+
+    def buffer_bias(self, n_prefix: int, dtype: torch.dtype, capacity: int | torch.SymInt) -> Tensor:
+        """[B, 1, S, capacity] for contract v2's buffer: every real column up to the query's own,
+        the query's own column, and the T prefix slots after the row's new tokens; whatever else a
+        slot holds (padding, an older copy of the prefix, nothing yet) stays hidden."""
+        batch, total = self.mask.shape
+        keys = torch.arange(capacity, device=self.mask.device)  # [C]
+        real = self.mask.gather(1, keys.clamp(max=total - 1)[None].expand(batch, -1)) == 1
+        real = real & (keys < total)  # [B, C]
+        query = self.columns[:, :, None]  # [B, S, 1]
+        prefix = (self.start + self.columns.shape[1])[:, None, None]  # [B, 1, 1]: first prefix slot
+        in_prefix = (keys >= prefix) & (keys < prefix + n_prefix)  # [B, 1, C]
+        visible = (real[:, None, :] & (keys <= query)) | (keys == query) | in_prefix  # [B, S, C]
+        return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
 
     def write(self, past: Tensor, new: Tensor) -> Tensor:
         """past [B, H, Lp, D], grown with zeros to `length`, with new [B, H, S, D] at `columns`."""
@@ -331,11 +346,17 @@ class ParScaleModel(nn.Module):
         x = x[:, None].expand(-1, n, -1, -1).reshape(batch * n, seq, -1)  # [B*P, S, h]: copy per stream
         slots = PackedSlots(attention_mask, seq, past[0][0].shape[2]) if packed else None
         write_at = None
+        if slots is not None:
+            position_ids = slots.positions()
         if in_place:  # contract v2: this call's tokens go to slot `past` of every sequence's buffers
-            write_at = torch.full((batch,), attention_mask.shape[1] - seq, dtype=torch.long)
-            bias = attention_bias(attention_mask, seq, n_prefix, x.dtype, capacity=past[0][0].shape[2])
+            capacity = past[0][0].shape[2]
+            if slots is not None:  # ...or, packed, right after each row's last real token
+                write_at, bias = slots.start, slots.buffer_bias(n_prefix, x.dtype, capacity)
+            else:
+                write_at = torch.full((batch,), attention_mask.shape[1] - seq, dtype=torch.long)
+                bias = attention_bias(attention_mask, seq, n_prefix, x.dtype, capacity=capacity)
         elif slots is not None:
-            position_ids, bias = slots.positions(), slots.bias(n_prefix, x.dtype)
+            bias = slots.bias(n_prefix, x.dtype)
         else:
             bias = attention_bias(attention_mask, seq, n_prefix, x.dtype)
         cos, sin = self.rotary_emb(position_ids, x.dtype)

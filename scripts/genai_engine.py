@@ -1,7 +1,7 @@
 """onnxruntime-genai's continuous-batching Engine against each request run alone.
 
 Run with the genai environment's Python (never beside onnxruntime-gpu):
-  .venv-genai/bin/python scripts/genai_engine.py BUNDLE --prompts "1 2 3,4 5 6 7" --max-new "8,3" [--share-buffer]
+  .venv-genai/bin/python scripts/genai_engine.py BUNDLE --prompts "1 2 3,4 5 6 7" --max-new "8,3" [--[no-]share-buffer]
 Every request is greedy and forced to its full length (genai suppresses EOS then), submitted
 together, or one per engine step with --stagger. Prints one JSON object: the tokens each
 request got from the Engine, and from an og.Generator running it alone.
@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
+from genai_generate import prefix_slots  # this script's folder is on sys.path
 
 
-def alone(model: og.Model, prompt: np.ndarray, new: int) -> list[int]:
+def alone(model: og.Model, prompt: np.ndarray, new: int, prefix_slots: int) -> list[int]:
+    """A contract-v2 bundle keeps the learned prefix in genai's buffer, whose length is
+    max_length: leave room for its slots, and stop after the tokens asked for."""
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
+    length = len(prompt) + new
+    params.set_search_options(do_sample=False, max_length=length + prefix_slots, min_length=length)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt[None])
-    while not generator.is_done():
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < new:
         generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
 
 
 def batched(model: og.Model, prompts: list[np.ndarray], news: list[int], stagger: bool) -> list[list[int]]:
@@ -63,17 +70,29 @@ def main() -> None:
     parser.add_argument("bundle")
     parser.add_argument("--prompts", required=True, help="comma-separated prompts of space-separated ids")
     parser.add_argument("--max-new", required=True, help="comma-separated new-token counts, one per prompt")
-    parser.add_argument("--share-buffer", action="store_true", help="past_present_share_buffer: true")
+    share = parser.add_mutually_exclusive_group()
+    share.add_argument(
+        "--share-buffer",
+        dest="share_buffer",
+        action="store_true",
+        default=None,
+        help="past_present_share_buffer: true (default: as genai_config.json says)",
+    )
+    share.add_argument(
+        "--no-share-buffer", dest="share_buffer", action="store_false", help="past_present_share_buffer: false"
+    )
     parser.add_argument("--stagger", action="store_true", help="submit one request per engine step")
     args = parser.parse_args()
     prompts = [np.array(p.split(), dtype=np.int32) for p in args.prompts.split(",")]
     news = [int(n) for n in args.max_new.split(",")]
+    prefix = prefix_slots(Path(args.bundle))
     config = og.Config(args.bundle)
-    config.overlay(json.dumps({"search": {"past_present_share_buffer": args.share_buffer}}))
+    if args.share_buffer is not None:
+        config.overlay(json.dumps({"search": {"past_present_share_buffer": args.share_buffer}}))
     model = og.Model(config)
     result = {
         "engine": batched(model, prompts, news, args.stagger),
-        "alone": [alone(model, p, n) for p, n in zip(prompts, news, strict=True)],
+        "alone": [alone(model, p, n, prefix) for p, n in zip(prompts, news, strict=True)],
     }
     print(json.dumps(result))
 

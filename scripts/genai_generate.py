@@ -15,6 +15,14 @@ import numpy as np
 import onnxruntime_genai as og
 
 
+def prefix_slots(bundle: Path) -> int:
+    """Slots of genai's max_length the learned prefix takes: a contract-v2 bundle keeps it in
+    genai's shared buffer, so leave room for them and stop after the tokens asked for. A
+    family's genai folder (graph and config only) is contract v1: none."""
+    manifest = bundle / "manifest.json"
+    return json.loads(manifest.read_text())["contract"].get("prefix_slots", 0) if manifest.is_file() else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
@@ -22,12 +30,9 @@ def main() -> None:
     parser.add_argument("-n", "--max-new-tokens", type=int, default=8)
     args = parser.parse_args()
     prompt = [int(t) for t in args.input_ids.split()]
-    # A contract-v2 bundle keeps the learned prefix in genai's shared buffer, whose length is
-    # max_length: leave room for its slots, and stop after the tokens asked for.
-    contract = json.loads((Path(args.bundle) / "manifest.json").read_text())["contract"]
     model = og.Model(args.bundle)
     params = og.GeneratorParams(model)
-    length = len(prompt) + args.max_new_tokens + contract.get("prefix_slots", 0)
+    length = len(prompt) + args.max_new_tokens + prefix_slots(Path(args.bundle))
     params.set_search_options(do_sample=False, max_length=length)
     generator = og.Generator(model, params)
     generator.append_tokens(np.array([prompt], dtype=np.int32))

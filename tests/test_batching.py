@@ -41,8 +41,8 @@ class Recording(Stepper):
         self.calls.append(input_ids.shape)
         return self.runtime.run(input_ids, attention_mask, past)
 
-    def empty_past(self, batch):
-        return self.runtime.empty_past(batch)
+    def empty_past(self, batch, tokens=None):
+        return self.runtime.empty_past(batch, tokens)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ class SpecEvaluator(Stepper):
         logits, *present = self.session.run(self.contract.output_names(), feeds)
         return np.asarray(logits, np.float32), present
 
-    def empty_past(self, batch):
+    def empty_past(self, batch, tokens=None):  # contract v1: a zero-length past whatever the length
         return [np.zeros(self.contract.cache_shape(batch, 0), ml_dtypes.bfloat16) for _ in self.contract.past_names()]
 
 

@@ -85,16 +85,38 @@ def genai_engine(bundle, prompts: list[list[int]], max_new: list[int], *flags: s
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("flags", [(), ("--share-buffer",), ("--stagger",), ("--share-buffer", "--stagger")])
+ENGINE_CASES = [
+    ("dynamic", ("--no-share-buffer",)),
+    ("dynamic", ("--share-buffer",)),
+    ("dynamic", ("--no-share-buffer", "--stagger")),
+    ("dynamic", ("--share-buffer", "--stagger")),
+    ("static", ()),  # contract v2: genai_config.json shares the buffer
+    ("static", ("--stagger",)),
+]
+
+
+@pytest.fixture(scope="module")
+def static_genai_bundles(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("genai-static")
+    for name in ("p1_plain_mqa", "p4_mha_tied_nosmooth"):
+        args = ["convert", str(CONFORMANCE / name), "-o", str(root / name), "--genai", "--cache", "static"]
+        assert main([*args, "--max-length", "64"]) == 0
+    return {name: root / name for name in ("p1_plain_mqa", "p4_mha_tied_nosmooth")}
+
+
+@pytest.mark.parametrize(("cache", "flags"), ENGINE_CASES)
 @pytest.mark.parametrize("name", ["p1_plain_mqa", "p4_mha_tied_nosmooth"])
-def test_genai_engine_batches_requests_exactly(name: str, flags: tuple, genai_bundles: dict) -> None:
+def test_genai_engine_batches_requests_exactly(
+    name: str, cache: str, flags: tuple, genai_bundles: dict, static_genai_bundles: dict
+) -> None:
     """genai's Engine pads a batch of mixed prompt lengths on the right, leaves garbage in a
     cache row's padded columns and keeps finished rows: each request must still get exactly
-    the tokens it gets alone."""
+    the tokens it gets alone, from contract v1 and v2 bundles alike."""
     rng = np.random.default_rng(0)
     vocab = official(name)["prefill_logits"].shape[-1]
     prompts = [rng.integers(1, vocab, size=n).tolist() for n in (5, 9, 13, 7)]
-    result = genai_engine(genai_bundles[name], prompts, [10, 4, 10, 6], *flags)
+    bundles = genai_bundles if cache == "dynamic" else static_genai_bundles
+    result = genai_engine(bundles[name], prompts, [10, 4, 10, 6], *flags)
     assert [len(t) for t in result["engine"]] == [10, 4, 10, 6]
     assert result["engine"] == result["alone"]
 
