@@ -160,17 +160,23 @@ class Contract:
     def take_sequences(self, past: list[np.ndarray], sequences: Sequence[int], length: int) -> list[np.ndarray]:
         """The cache of `sequences` alone (in that order), keeping its last `length` positions.
         Continuous batching drops finished sequences and the left columns nobody needs any more."""
+        self._check_movable()
         rows = self.sequence_rows(sequences)
         return [np.ascontiguousarray(t[rows, :, t.shape[LENGTH_AXIS] - length :]) for t in past]
 
     def join_sequences(self, pasts: Sequence[list[np.ndarray]], length: int) -> list[np.ndarray]:
         """Several batches' caches as one batch (their sequences in order), each left-padded with
         zeros to `length` positions; the attention mask must mark the padding 0, so it adds nothing."""
+        self._check_movable()
         joined = []
         for tensors in zip(*pasts, strict=True):
             padded = [_pad_left(t, length) for t in tensors]
             joined.append(np.concatenate(padded, axis=0))
         return joined
+
+    def _check_movable(self) -> None:
+        if self.cache.in_place:  # v2's buffers hold the prefix after the tokens: not a column slice
+            raise BundleError("moving sequences between batches is defined for contract v1 caches only")
 
     def empty_past(self, batch: int, tokens: int | None = None) -> list[np.ndarray]:
         """The first call's past for `batch` sequences: zero-length (version 1) or zero-filled

@@ -199,6 +199,11 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
             f"{options.bundle}: serve moves cache rows on the host between steps, and a bfloat16 cache has "
             "no numpy type; convert with --dtype fp16 or fp32 to serve"
         )
+    if manifest.contract.cache.in_place:
+        raise BundleError(
+            f"{options.bundle}: serve's continuous batching moves cache rows of contract v1 only; "
+            "convert without --cache static to serve"
+        )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = options.address is None
     if local:  # the replicas run here: a provider that cannot start fails now, with its reason
