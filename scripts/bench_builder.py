@@ -125,14 +125,21 @@ def report(bundles: dict[str, Path], result: dict) -> None:
         per_round = [y / x for x, y in zip(a, b, strict=True)]
         return min(b) / min(a), min(per_round), max(per_round)
 
-    print("\ngreedy tokens of the P=1 graphs against the builder's (same weights):")
-    for dtype in QUANT:
-        for contract in ("v1", "v2"):
-            ours, theirs = f"ours P=1 {dtype} {contract}", f"builder P=1 {dtype}"
-            if ours in bundles and theirs in bundles:
-                a, b = str(bundles[ours]), str(bundles[theirs])
-                same = [r["tokens"][a] == r["tokens"][b] for r in by_context.values()]
-                print(f"  {ours:22s} {'same' if all(same) else 'DIFFER'} ({', '.join(map(str, by_context))})")
+    def agreement(ours: str, theirs: str) -> str:
+        """'same', or how many leading greedy tokens agree, at each context."""
+        cells = []
+        for context, r in by_context.items():
+            a, b = r["tokens"][str(bundles[ours])], r["tokens"][str(bundles[theirs])]
+            lead = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+            cells.append(f"ctx {context}: " + ("same" if lead == len(a) else f"DIFFER after {lead} of {len(a)}"))
+        return ", ".join(cells)
+
+    print("\ngreedy tokens (same weights, same prompt):")
+    pairs = [(f"ours P=1 {d} {v}", f"builder P=1 {d}") for d in QUANT for v in ("v1", "v2")]
+    pairs += [(f"ours P={n} {d} v2", f"ours P={n} {d} v1") for n in (1, 4) for d in QUANT]
+    for ours, theirs in pairs:
+        if ours in bundles and theirs in bundles:
+            print(f"  {ours:18s} vs {theirs:18s} {agreement(ours, theirs)}")
 
     print("\nspeed ratios (ours / builder's tok/s; best of rounds, [range of per-round ratios]):")
     long = max(by_context)
@@ -169,7 +176,8 @@ def main() -> None:
     result = time_bundles(args, bundles)
     print("machine after timing:", machine())
     report(bundles, result)
-    print(json.dumps({"bundles": {k: str(v) for k, v in bundles.items()}, **result}))
+    timings = [{k: v for k, v in r.items() if k != "tokens"} for r in result["results"]]
+    print(json.dumps({"bundles": {k: str(v) for k, v in bundles.items()}, **result, "results": timings}))
 
 
 if __name__ == "__main__":
