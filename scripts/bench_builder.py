@@ -8,7 +8,8 @@ v2 (`--cache static`); then times every bundle in one process with scripts/genai
 (interleaved rounds, batch 1, greedy) and prints ms/step, tok/s, the spread over rounds and the
 ratios issue 10 accepts on. The builder cannot build ParScale, so P=4 is compared with its P=1.
 
-Not part of CI (minutes, ~1 GB under --work). The builder needs its own venv (it imports torch
+Not part of CI (about 5 minutes on 2 cores, 2 GB under --work; a rerun reuses what --work
+holds, so delete it after changing the exporter). The builder needs its own venv (it imports torch
 and transformers; genai and onnxruntime must match the genai venv's):
 
     python3 -m venv /tmp/builder-venv
