@@ -7,7 +7,8 @@ and for any graph genai loads, e.g. the genai model builder's. Run it with the g
 
     .venv-genai/bin/python scripts/genai_bench.py ./v1-genai ./v2-genai --context 64 --context 960
 
-Prints one line per bundle and context, then one JSON object (ms per step, tokens agree).
+Prints one line per bundle and context, then one JSON object (ms per step, best and per round,
+the greedy tokens, and whether they agree).
 """
 
 from __future__ import annotations
@@ -55,18 +56,20 @@ def main() -> None:
     results = []
     for context in args.context or [64]:
         prompt = np.random.default_rng(context).integers(0, args.vocab, size=(1, context)).astype(np.int32)
-        best: dict[Path, float] = {}
+        rounds: dict[Path, list[float]] = {path: [] for path in models}
         tokens: dict[Path, list[int]] = {}
         for _ in range(args.rounds):
             for path, model in models.items():
                 seconds, tokens[path] = decode(model, prompt, args.steps, prefix_slots(path))
-                best[path] = min(best.get(path, float("inf")), seconds)
+                rounds[path].append(seconds)
+        best = {path: min(times) for path, times in rounds.items()}
         agree = len({tuple(t) for t in tokens.values()}) == 1
         for path in args.bundles:
             print(f"context {context:5d}  {path.name:28s} {1e3 * best[path]:8.2f} ms/step")
         print(f"context {context:5d}  greedy tokens {'agree' if agree else 'DIFFER'}")
         results.append({"context": context, "ms_per_step": {str(p): 1e3 * best[p] for p in args.bundles},
-                        "tokens_agree": agree})  # fmt: skip
+                        "ms_rounds": {str(p): [1e3 * s for s in rounds[p]] for p in args.bundles},
+                        "tokens": {str(p): tokens[p] for p in args.bundles}, "tokens_agree": agree})  # fmt: skip
     print(json.dumps({"steps": args.steps, "rounds": args.rounds, "results": results}))
 
 
