@@ -99,10 +99,13 @@ def test_disk_full_while_writing(tmp_path, monkeypatch, capsys) -> None:
 
 def test_real_ctrl_c_leaves_nothing(tmp_path) -> None:
     out = tmp_path / "out"
+    # A shell runs background jobs with SIGINT ignored, and children inherit that: a test run
+    # started with `&` would send Ctrl-C into the void. A terminal's Ctrl-C is what we test.
+    restore = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
     command = [
         sys.executable,
         "-c",
-        "from parscale_export.cli.main import run; run()",
+        restore + "from parscale_export.cli.main import run; run()",
         "convert",
         str(TINY),
         "-o",
