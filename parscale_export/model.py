@@ -171,7 +171,8 @@ class Attention(nn.Module):
         slots: PackedSlots | None = None,
         write_at: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """`write_at` [B] (contract v2): the slot this call's tokens go to; None: contract v1."""
+        """`write_at` [B] (contract v2): the slot each row's tokens go to; None: contract v1, where
+        `slots` (packed graphs) scatters them after each row's last real token instead of appending."""
         rows, seq, _ = x.shape  # rows = B*P
         batch = rows // self.n_streams
         d = self.head_dim
