@@ -154,7 +154,7 @@ class Runtime(Stepper):
         OrtValues (IO binding): on CUDA it stays on the device between calls, and an in-place
         cache (contract v2) is bound as both past and present, so no call copies it. Only the
         logits come back to the host."""
-        self.contract.check_room(_slots(past[0]), attention_mask.shape[1])
+        self.contract.check_room(cache_slots(past[0]), attention_mask.shape[1])
         feeds = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -167,7 +167,6 @@ class Runtime(Stepper):
         return self._run_bound(feeds, past)
 
     def _run_bound(self, feeds: dict[str, np.ndarray], past: list) -> tuple[np.ndarray, list]:
-        device = "cuda" if self.provider == "cuda" else "cpu"
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
@@ -179,7 +178,7 @@ class Runtime(Stepper):
             if self.contract.cache.in_place:
                 binding.bind_ortvalue_output(present_name, value)  # written in place: present is past
             else:
-                binding.bind_output(present_name, device, 0)
+                binding.bind_output(present_name, self.provider, 0)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), past if self.contract.cache.in_place else present
@@ -188,7 +187,7 @@ class Runtime(Stepper):
         """An OrtValue where this session computes (a CPU one shares the numpy array's memory)."""
         if isinstance(value, ort.OrtValue):
             return value
-        return ort.OrtValue.ortvalue_from_numpy(value, "cuda" if self.provider == "cuda" else "cpu", 0)
+        return ort.OrtValue.ortvalue_from_numpy(value, self.provider, 0)  # ORT's device names are ours
 
     def empty_past(self, batch: int, tokens: int | None = None) -> list:
         """The contract's first past. An in-place cache (v2) is allocated here, once, zeroed, as
@@ -214,7 +213,7 @@ class Runtime(Stepper):
             self._profile_dir = None
 
 
-def _slots(value: np.ndarray | ort.OrtValue) -> int:
+def cache_slots(value: np.ndarray | ort.OrtValue) -> int:
     """Length of a cache tensor's slot axis, without copying it from the device."""
     shape = value.shape() if isinstance(value, ort.OrtValue) else value.shape
     return shape[2]

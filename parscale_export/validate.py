@@ -6,7 +6,7 @@ Both engines are driven through stepping.Stepper with identical inputs:
   chunked   the same prompts in two chunks (sequence > 1 with past > 0)
   batch-1   the first prompt alone, prefill and decode
 Every ONNX call is also checked against the I/O contract (names, shapes, dtypes), and the
-prefill's session profile says where the heavy nodes ran: a node that ONNX Runtime quietly put
+profile of one short call says where the heavy nodes ran: a node that ONNX Runtime quietly put
 on the CPU fails a CUDA validation.
 """
 
@@ -25,7 +25,7 @@ from .environment import device_name, package_versions
 from .errors import BundleError
 from .placement import misplaced, summary
 from .reference import Reference
-from .runtime import PROVIDER_NAMES, Runtime
+from .runtime import PROVIDER_NAMES, Runtime, cache_slots
 from .stepping import State, Stepper
 
 
@@ -113,7 +113,7 @@ class Report:
     settings: Settings
     phases: list[PhaseResult]
     contract_problems: list[str]
-    placement: dict[str, dict[str, int]]  # heavy op type -> provider -> node runs, from the prefill's profile
+    placement: dict[str, dict[str, int]]  # heavy op type -> provider -> node runs, from one profiled call
     placement_problems: list[str]  # heavy ops that ran somewhere other than the provider asked for
     versions: dict[str, str | None]
     parscale_n: int | None = None
@@ -209,7 +209,7 @@ class _CheckedRuntime(Stepper):
         batch, seq = input_ids.shape
         described = [p if isinstance(p, np.ndarray) else _Described(p) for p in present]
         outputs = dict(zip(contract.output_names(), [logits, *described], strict=True))
-        slots = past[0].shape[2] if isinstance(past[0], np.ndarray) else _Described(past[0]).shape[2]
+        slots = cache_slots(past[0])
         for problem in contract.check_outputs(outputs, batch, seq, attention_mask.shape[1] - seq, slots):
             if problem not in self.problems:
                 self.problems.append(problem)
@@ -298,7 +298,8 @@ def run_validation(
     log(f"ONNX Runtime provider: {runtime.provider.upper()}")
     if runtime.provider == "cpu" and provider == "auto":
         log(CPU_FALLBACK_WARNING)
-    runtime.prefill(np.ones((1, 2), np.int64), np.ones((1, 2), np.int64))  # placement is fixed per session
+    # Placement is fixed per session: one 2-token call (no room reserved beyond it) shows it all.
+    runtime.prefill(np.ones((1, 2), np.int64), np.ones((1, 2), np.int64), reserve=0)
     placement = runtime.placement()
     bundle = _CheckedRuntime(runtime)
     log(f"loading the PyTorch reference from {checkpoint_dir}")
