@@ -25,7 +25,8 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnxscript.onnx_opset import opset24
+from onnxscript import values
+from onnxscript.onnx_opset import opset18, opset23, opset24
 from onnxscript.rewriter import onnx_fusions
 from torch import Tensor, nn
 from torch.export import Dim
@@ -54,6 +55,27 @@ CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
 
 Log = Callable[[str], None]
+
+
+def _skip_norm_op() -> values.Op:
+    """ONNX Runtime's SkipSimplifiedLayerNormalization (com.microsoft), described for onnxscript,
+    which only knows the schemas of standard ONNX."""
+    param, fp = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
+    optional = fp.Optional
+    schema = onnx.defs.OpSchema(
+        "SkipSimplifiedLayerNormalization", "com.microsoft", 1,
+        inputs=[param("input", "T"), param("skip", "T"), param("gamma", "T")],
+        outputs=[param("output", "T"), param("mean", "U", param_option=optional),
+                 param("inv_std_var", "U", param_option=optional),
+                 param("input_skip_bias_sum", "T", param_option=optional)],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("U", ["tensor(float)"], "")],
+        attributes=[onnx.defs.OpSchema.Attribute("epsilon", onnx.defs.OpSchema.AttrType.FLOAT, "")],
+    )  # fmt: skip
+    return values.Op(values.Opset("com.microsoft", 1), schema.name, op_schema=schema)
+
+
+SKIP_NORM = _skip_norm_op()
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,37 @@ class ExportGraph(nn.Module):
             batch = input_ids.shape[0]
             flat = [t.reshape(batch, c.parscale_n * c.num_kv_heads, t.shape[2], c.head_dim) for t in flat]
         return (logits, *flat)
+
+
+def _rotary(x, cos, sin):
+    """model.rope in ONNX (opset 23+): one RotaryEmbedding, x [B, N, S, D], cos/sin [B, S, D/2]."""
+    return opset23.RotaryEmbedding(x, cos, sin)
+
+
+def _rotary_decomposed(x, cos, sin):
+    """model.rope for opsets before RotaryEmbedding (--opset 18 to 22)."""
+    x1, x2 = opset18.Split(x, axis=-1, num_outputs=2)
+    axis = opset18.Constant(value_ints=[1])
+    cos, sin = opset18.Unsqueeze(cos, axis), opset18.Unsqueeze(sin, axis)
+    first = opset18.Sub(opset18.Mul(x1, cos), opset18.Mul(x2, sin))
+    second = opset18.Add(opset18.Mul(x2, cos), opset18.Mul(x1, sin))
+    return opset18.Concat(first, second, axis=-1)
+
+
+def _add_rms_norm(x, update, weight, eps: float):
+    """model.add_rms_norm in ONNX (opset 23+): ONNX Runtime's SkipSimplifiedLayerNormalization,
+    whose fourth output is the sum (the residual stream)."""
+    normed, _, _, total = SKIP_NORM(x, update, weight, epsilon=eps)
+    return normed, total
+
+
+def _add_rms_norm_decomposed(x, update, weight, eps: float):
+    """model.add_rms_norm in standard ONNX (--opset 18 to 22): Qwen2's RMSNorm spelled out."""
+    total = opset18.Add(x, update)
+    x32 = opset18.Cast(total, to=onnx.TensorProto.FLOAT)
+    mean = opset18.ReduceMean(opset18.Mul(x32, x32), opset18.Constant(value_ints=[-1]), keepdims=1)
+    scale = opset18.Reciprocal(opset18.Sqrt(opset18.Add(mean, opset18.Constant(value_float=eps))))
+    return opset18.Mul(weight, opset18.CastLike(opset18.Mul(x32, scale), total)), total
 
 
 def _tensor_scatter(buffer, update, start):
@@ -248,7 +301,11 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
             dynamic_shapes=dynamic_shapes,
             input_names=contract.input_names(),
             output_names=contract.output_names(),
-            custom_translation_table={torch.ops.parscale.cache_write.default: _tensor_scatter},
+            custom_translation_table={
+                torch.ops.parscale.cache_write.default: _tensor_scatter,
+                torch.ops.parscale.rope.default: _rotary if opset >= 23 else _rotary_decomposed,
+                torch.ops.parscale.add_rms_norm.default: _add_rms_norm if opset >= 23 else _add_rms_norm_decomposed,
+            },
         )
         _fuse_norms(program.model)
         log("  writing model.onnx and its external data")
@@ -282,7 +339,8 @@ def _finish_proto(path: Path, opset: int) -> None:
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise BundleError(f"torch.onnx wrote opset {written}, not the {opset} asked for")
-    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
+    standard = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]  # onnx knows no contrib domain
+    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(standard))
     for node in proto.graph.node:
         del node.metadata_props[:]
     onnx.save(proto, str(path))

@@ -1,13 +1,16 @@
 """ParScale in plain PyTorch, with the official semantics and an explicit KV cache.
 
 This one module is both the PyTorch reference that `validate` compares against and the graph
-that `convert` exports. Module names follow the checkpoint's names, so loading is an identity map.
+that `convert` exports. Module names follow the checkpoint's, except that q/k/v and gate/up are
+stacked into one projection each (`stack_projections`; `unstack_projections` undoes it).
 
 Layout:
-- The P streams are folded into the batch: row `b*P + p` is stream p of sequence b.
-- Because a sequence's P streams are adjacent rows, [P*B, KV, L, D] is also, for free,
-  [B, P*KV, L, D]; attention runs in that view, where query head `p*H + h` shares key/value
-  head `p*KV + h // (H/KV)`, i.e. plain grouped-query attention stays inside its own stream.
+- Hidden states are [B, S*P, h]: the P streams of a token are adjacent rows, so the projections'
+  outputs [B, S*P, n*D] are already [B, S, P*n, D], the head layout attention runs in, where
+  query head `p*H + h` shares key/value head `p*KV + h // (H/KV)`: plain grouped-query
+  attention that stays inside its own stream. No reshape of the hidden states copies anything.
+- In the cache, row `b*P + p` is stream p of sequence b: [P*B, KV, L, D] is also, for free,
+  [B, P*KV, L, D], the same head layout.
 - Contract version 1 (`in_place=False`): the cache passed in and returned holds real tokens
   only, [P*B, KV, past, D] per layer, and grows by concatenation. The learned prefix (T slots
   per stream and layer, no RoPE, never masked) is a constant of the module, prepended to the
@@ -70,9 +73,49 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def add_and_norm(self, x: Tensor, update: Tensor) -> tuple[Tensor, Tensor]:
+        """(this norm of x + update, x + update): a residual add and the norm after it."""
+        return add_rms_norm(x, update, self.weight, self.eps)
+
+
+def _add_rms_norm(x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    total = x + update
+    x32 = total.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(total.dtype), total
+
+
+@torch.library.custom_op("parscale::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Qwen2's RMSNorm of x + update, and the sum: one ONNX Runtime SkipSimplifiedLayerNormalization
+    node in the export (opset 23+) instead of an Add and a norm."""
+    return _add_rms_norm(x, update, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _save_add_rms_norm_inputs(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.eps = inputs[3]
+
+
+def _add_rms_norm_backward(ctx, grad_normed: Tensor, grad_total: Tensor) -> tuple:
+    """Gradients by differentiating the eager math again (scripts/train_tiny.py trains this model)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        outputs = _add_rms_norm(*leaves, ctx.eps)
+        grads = torch.autograd.grad(outputs, leaves, (grad_normed, grad_total))
+    return (*grads, None)
+
+
+add_rms_norm.register_autograd(_add_rms_norm_backward, setup_context=_save_add_rms_norm_inputs)
+
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for explicit positions, computed in float32 as transformers does."""
+    """cos/sin of each position's angles [B, S, D/2], in float32 as transformers computes them."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -80,36 +123,56 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq, self.attention_scaling = rope_frequencies(config)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq  # [B, S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
-        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        angles = position_ids.float()[..., None] * self.inv_freq  # [B, S, D/2]
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
 
-def rotate_half(x: Tensor) -> Tensor:
+@torch.library.custom_op("parscale::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of `x` [B, N, S, D] by cos/sin [B, S, D/2]: one ONNX RotaryEmbedding
+    node in the export (opset 23+) instead of the six ops this eager form traces to."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@rope.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _save_rope_angles(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _rope_backward(ctx, grad: Tensor) -> tuple:
+    """A rotation's transpose is the rotation back: the gradient of x is `grad` rotated by -angle
+    (positions, hence cos and sin, are never trained)."""
+    cos, sin = ctx.saved_tensors
+    return rope(grad, cos, -sin), None, None
+
+
+rope.register_autograd(_rope_backward, setup_context=_save_rope_angles)
 
 
 class Attention(nn.Module):
+    """Self-attention over the P streams of each sequence, hidden states [B, S*P, h].
+
+    q/k/v are one projection (`qkv_proj`, the checkpoint's three stacked by build_model): one
+    weight read and, in int4, one activation quantization per layer instead of three."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_streams, self.n_heads, self.n_kv = config.parscale_n, config.num_heads, config.num_kv_heads
         self.head_dim = d = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * d, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * d, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * d, bias=True)
+        self.sizes = (self.n_heads * d, self.n_kv * d, self.n_kv * d)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.sizes), bias=True)
         self.o_proj = nn.Linear(self.n_heads * d, config.hidden_size, bias=False)
         if self.n_streams > 1:
             prefix = (self.n_streams, self.n_kv, config.parscale_n_tokens, d)
             self.prefix_k = nn.Parameter(torch.zeros(prefix))
             self.prefix_v = nn.Parameter(torch.zeros(prefix))
-
-    def _split_heads(self, x: Tensor, batch: int, n_heads: int) -> Tensor:
-        # [B*P, S, n*D] -> [B, P*n, S, D]  (row b*P+p, head i  ->  sequence b, head p*n+i)
-        _, seq, _ = x.shape
-        x = x.view(batch, self.n_streams, seq, n_heads, self.head_dim).transpose(2, 3)
-        return x.reshape(batch, self.n_streams * n_heads, seq, self.head_dim)
 
     def _prefix(self, prefix: Tensor, batch: int) -> Tensor:
         # [P, KV, T, D] -> [B, P*KV, T, D]: the same prefix for every sequence
@@ -173,15 +236,12 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`write_at` [B] (contract v2): the slot each row's tokens go to; None: contract v1, where
         `slots` (packed graphs) scatters them after each row's last real token instead of appending."""
-        rows, seq, _ = x.shape  # rows = B*P
-        batch = rows // self.n_streams
-        d = self.head_dim
-        q = self._split_heads(self.q_proj(x), batch, self.n_heads)  # [B, P*H, S, D]
-        k = self._split_heads(self.k_proj(x), batch, self.n_kv)  # [B, P*KV, S, D]
-        v = self._split_heads(self.v_proj(x), batch, self.n_kv)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, D]: same position for every stream
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        batch, seq, n, d = x.shape[0], cos.shape[1], self.n_streams, self.head_dim
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)  # [B, S*P, n*D] each
+        # Streams are the outer part of the head axis: query head p*H + h is stream p's head h.
+        q = rope(q.reshape(batch, seq, n * self.n_heads, d).transpose(1, 2), cos, sin)  # [B, P*H, S, D]
+        k = rope(k.reshape(batch, seq, n * self.n_kv, d).transpose(1, 2), cos, sin)  # [B, P*KV, S, D]
+        v = v.reshape(batch, seq, n * self.n_kv, d).transpose(1, 2)
 
         if write_at is not None:  # contract v2: in place, the prefix inside the buffer
             k, v = present_k, present_v = self._write(k, v, past_k, past_v, write_at)
@@ -189,23 +249,28 @@ class Attention(nn.Module):
         else:
             k, v, present_k, present_v = self._append(k, v, past_k, past_v, slots)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv)
-        # [B, P*H, S, D] -> [B*P, S, H*D]
-        out = out.view(batch, self.n_streams, self.n_heads, seq, d).transpose(2, 3)
-        return self.o_proj(out.reshape(rows, seq, self.n_heads * d)), present_k, present_v
+        out = out.transpose(1, 2).reshape(batch, seq * n, self.n_heads * d)  # [B, P*H, S, D] -> [B, S*P, H*D]
+        return self.o_proj(out), present_k, present_v
 
 
 class MLP(nn.Module):
+    """SwiGLU with gate and up as one projection (`gate_up_proj`, stacked by build_model)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """One block. The residual stream arrives without the previous block's MLP output (`update`,
+    None for the first block) and leaves without its own: each residual add is fused with the
+    norm that follows it (RMSNorm.add_and_norm), as ONNX Runtime's fused op wants it."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -216,6 +281,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
+        update: Tensor | None,
         cos: Tensor,
         sin: Tensor,
         bias: Tensor,
@@ -223,13 +289,15 @@ class DecoderLayer(nn.Module):
         past_v: Tensor,
         slots: PackedSlots | None = None,
         write_at: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        attn, present_k, present_v = self.self_attn(
-            self.input_layernorm(x), cos, sin, bias, past_k, past_v, slots, write_at
-        )
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, present_k, present_v
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns (the residual stream, this block's MLP output still to be added, present k, v)."""
+        if update is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_and_norm(x, update)
+        attn, present_k, present_v = self.self_attn(h, cos, sin, bias, past_k, past_v, slots, write_at)
+        h, x = self.post_attention_layernorm.add_and_norm(x, attn)
+        return x, self.mlp(h), present_k, present_v
 
 
 def attention_bias(
@@ -343,8 +411,8 @@ class ParScaleModel(nn.Module):
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         n, n_prefix = self.config.parscale_n, self.config.parscale_n_tokens
         batch, seq = input_ids.shape
-        x = self.embed_tokens(input_ids)  # [B, S, h]
-        x = x[:, None].expand(-1, n, -1, -1).reshape(batch * n, seq, -1)  # [B*P, S, h]: copy per stream
+        x = self.embed_tokens(input_ids)[:, :, None].expand(-1, -1, n, -1)  # a copy per stream
+        x = x.reshape(batch, seq * n, -1)  # [B, S*P, h]
         slots = PackedSlots(attention_mask, seq, past[0][0].shape[2]) if packed else None
         write_at = None
         if slots is not None:
@@ -362,24 +430,23 @@ class ParScaleModel(nn.Module):
             bias = attention_bias(attention_mask, seq, n_prefix, x.dtype)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         presents = []
+        update = None
         for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
-            x, present_k, present_v = layer(x, cos, sin, bias, past_k, past_v, slots, write_at)
+            x, update, present_k, present_v = layer(x, update, cos, sin, bias, past_k, past_v, slots, write_at)
             presents.append((present_k, present_v))
-        x = self.norm(x)
-        if n > 1:
-            x = self._aggregate(x.view(batch, n, seq, -1))
-        return x, presents
+        x, _ = self.norm.add_and_norm(x, update)
+        return (self._aggregate(x.view(batch, seq, n, -1)) if n > 1 else x), presents
 
     def _aggregate(self, streams: Tensor) -> Tensor:
-        """Weighted sum of the P streams [B, P, S, h] -> [B, S, h], as the official model does."""
-        batch, n, seq, h = streams.shape
+        """Weighted sum of the P streams [B, S, P, h] -> [B, S, h], as the official model does."""
+        batch, seq, n, h = streams.shape
         # Feature-major, stream-minor: z[..., j*P + p] = stream p's feature j.
-        z = streams.permute(0, 2, 3, 1).reshape(batch, seq, h * n)
+        z = streams.transpose(2, 3).reshape(batch, seq, h * n)
         weights = torch.softmax(self.aggregate_layer(z).float(), dim=-1)  # [B, S, P]
         eps = self.config.parscale_attn_smooth
         if eps:
             weights = weights * (1 - eps) + eps / n
-        mixed = (streams.transpose(1, 2) * weights[..., None]).sum(dim=2)  # float32
+        mixed = (streams * weights[..., None]).sum(dim=2)  # float32
         return mixed.to(streams.dtype)
 
 
@@ -417,15 +484,55 @@ class ParScaleForCausalLM(nn.Module):
         return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.num_layers)]
 
 
+# Fused projection -> the checkpoint's projections it stacks, in order along the output axis.
+STACKED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def stack_projections(weights: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Checkpoint names -> the model's, in place: each layer's q/k/v (weights and biases) and
+    gate/up concatenated along the output axis. The parts leave `weights` as their stack enters,
+    so a 1.8B model never holds both. Returns `weights`."""
+    for layer in range(num_layers):
+        for fused, parts in STACKED.items():
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{layer}.{part}.{kind}" for part in parts]
+                if names[0] in weights:
+                    weights[f"model.layers.{layer}.{fused}.{kind}"] = torch.cat([weights.pop(n) for n in names])
+    return weights
+
+
+def unstack_projections(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """The model's names -> the checkpoint's (the inverse of `stack_projections`)."""
+    d = config.head_dim
+    sizes = {
+        "self_attn.qkv_proj": [config.num_heads * d, config.num_kv_heads * d, config.num_kv_heads * d],
+        "mlp.gate_up_proj": [config.intermediate_size] * 2,
+    }
+    out = dict(state)
+    for layer in range(config.num_layers):
+        for fused, parts in STACKED.items():
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{layer}.{fused}.{kind}"
+                if name in out:
+                    pieces = out.pop(name).split(sizes[fused])
+                    out |= {f"model.layers.{layer}.{part}.{kind}": t for part, t in zip(parts, pieces, strict=True)}
+    return out
+
+
 def build_model(
     config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32
 ) -> ParScaleForCausalLM:
-    """Instantiate the model and copy in checked weights (names already validated by checkpoint.py)."""
+    """Instantiate the model on checked weights (names already validated by checkpoint.py). Takes
+    `weights` over: its projections are stacked in place (stack_projections)."""
     with torch.device("meta"):
         model = ParScaleForCausalLM(config)
     model = model.to_empty(device="cpu")
     model.model.rotary_emb = RotaryEmbedding(config)  # a computed buffer, not a weight
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    stacked = stack_projections(weights, config.num_layers)
+    missing, unexpected = model.load_state_dict(stacked, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         missing = [m for m in missing if m != "lm_head.weight"]

@@ -67,14 +67,21 @@ def quantize_in_place(model_path: Path, scheme: str) -> dict:
             if tensor.name in still_used:
                 new_initializers.append(_copy(tensor, source, sink))
 
+    biases = _bias_adds(graph, packed_names, initializers)  # MatMul output -> its bias Add
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in packed_names:
             packed, scales, k, n = packed_names[node.input[1]]
+            inputs, outputs = [node.input[0], packed, scales], list(node.output)
+            if (add := biases.get(node.output[0])) is not None:  # MatMulNBits adds it: one node fewer
+                bias = next(name for name in add.input if name != node.output[0])
+                inputs, outputs = [*inputs, "", "", bias], list(add.output)
             nodes.append(helper.make_node(
-                "MatMulNBits", [node.input[0], packed, scales], list(node.output), name=f"{node.name}_Q{bits}",
+                "MatMulNBits", inputs, outputs, name=f"{node.name}_Q{bits}",
                 domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
             ))  # fmt: skip
+        elif node in biases.values():
+            continue  # folded into its MatMulNBits
         elif not (_is_2d_transpose(node) and all(o in targets for o in node.output)):
             nodes.append(node)  # a transpose that only fed a quantized head is gone
     del graph.node[:]
@@ -87,6 +94,30 @@ def quantize_in_place(model_path: Path, scheme: str) -> dict:
     onnx.save(proto, str(model_path))
     return {"scheme": scheme, "op": "MatMulNBits", "bits": bits, "block_size": BLOCK_SIZE, "symmetric": True,
             "accuracy_level": ACCURACY_LEVEL, "quantized_matmuls": len(packed_names)}  # fmt: skip
+
+
+def _bias_adds(
+    graph: onnx.GraphProto, packed_names: dict[str, tuple], initializers: dict[str, TensorProto]
+) -> dict[str, onnx.NodeProto]:
+    """Adds of a 1-D constant bias that are the only readers of a quantized MatMul's output
+    (q/k/v's biases), by that output: MatMulNBits takes the bias as its sixth input."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in packed_names or node.output[0] in graph_outputs:
+            continue
+        users = readers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        other = next((name for name in users[0].input if name != node.output[0]), None)
+        n = packed_names[node.input[1]][3]
+        if other in initializers and list(initializers[other].dims) == [n]:
+            found[node.output[0]] = users[0]
+    return found
 
 
 def _is_2d_transpose(node: onnx.NodeProto) -> bool:

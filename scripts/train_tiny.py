@@ -35,7 +35,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from parscale_export.config import parse_config
-from parscale_export.model import ParScaleForCausalLM
+from parscale_export.model import ParScaleForCausalLM, unstack_projections
 from parscale_export.synthetic import parscale_config
 
 EOS = "<|endoftext|>"
@@ -134,7 +134,8 @@ def greedy_sample(model: ParScaleForCausalLM, tokenizer: Tokenizer, prompt: str,
 def write_checkpoint(out: Path, raw_config: dict, model: ParScaleForCausalLM, tokenizer: Tokenizer) -> None:
     out.mkdir(parents=True, exist_ok=True)
     eos = tokenizer.token_to_id(EOS)
-    weights = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    state = unstack_projections(model.state_dict(), model.config)
+    weights = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in state.items()}
     save_file(dict(sorted(weights.items())), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     generation = {"eos_token_id": eos, "pad_token_id": eos}

@@ -10,6 +10,7 @@ from conftest import CONFORMANCE, TINY
 
 from parscale_export.checkpoint import load_weights
 from parscale_export.config import load_config
+from parscale_export.model import _add_rms_norm, add_rms_norm, rope, stack_projections, unstack_projections
 from parscale_export.rope import rope_frequencies
 from parscale_export.runtime import Runtime
 
@@ -71,3 +72,35 @@ def test_present_rows_are_sequence_major_stream_minor(checkpoint, bundle) -> Non
                 np.testing.assert_allclose(state.past[2 * layer + 1][row], v.numpy(), atol=1e-4)
     # The streams really differ after layer 0 (the prefix shapes them), so the check has teeth.
     assert not np.allclose(state.past[2][0], state.past[2][1], atol=1e-3)
+
+
+def test_stacked_projections_unstack_to_the_checkpoint() -> None:
+    """build_model stacks q/k/v and gate/up; train_tiny writes checkpoints through the inverse."""
+    config = load_config(TINY)
+    weights = load_weights(TINY, config)
+    original = {name: t.clone() for name, t in weights.items()}
+    stacked = stack_projections(weights, config.num_layers)
+    assert "model.layers.0.self_attn.qkv_proj.bias" in stacked and "model.layers.0.mlp.up_proj.weight" not in stacked
+    back = unstack_projections(stacked, config)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[name], original[name]) for name in original)
+
+
+def test_fused_ops_train_like_their_math() -> None:
+    """model.rope and model.add_rms_norm are custom ops (one ONNX node each); scripts/train_tiny.py
+    backpropagates through them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    angles = torch.randn(2, 4, 4, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(lambda x: rope(x, angles.cos(), angles.sin()), (x,))
+
+    def grads(norm) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        leaves = [torch.randn(*shape, generator=g, requires_grad=True) for shape in ((2, 5, 8), (2, 5, 8), (8,))]
+        normed, total = norm(*leaves, 1e-6)
+        weights = [torch.randn(t.shape, generator=g) for t in (normed, total)]
+        ((normed * weights[0]).sum() + (total * weights[1]).sum()).backward()
+        return [leaf.grad for leaf in leaves]
+
+    for ours, math in zip(grads(add_rms_norm), grads(_add_rms_norm), strict=True):
+        torch.testing.assert_close(ours, math, rtol=0, atol=0)

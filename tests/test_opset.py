@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import CONFORMANCE, CONFORMANCE_NAMES, ROOT, official
+from conftest import CONFORMANCE, CONFORMANCE_NAMES, ROOT, TINY, official
 from parscale_export.cli.main import main
 
+from parscale_export.config import load_config
 from parscale_export.runtime import Runtime
 
 OLD_PYTHON = os.environ.get("PARSCALE_OLD_ORT_PYTHON")
@@ -49,9 +50,20 @@ def test_opset_18_graph_is_primitive_and_declares_ir_8(opset18: dict[str, Path])
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)]
     assert proto.ir_version == 8
     ops = collections.Counter(node.op_type for node in proto.graph.node)
-    assert "Attention" not in ops and "RMSNormalization" not in ops
+    assert "Attention" not in ops and "RMSNormalization" not in ops and "RotaryEmbedding" not in ops
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}  # no ONNX Runtime contrib op
     assert ops["Softmax"] and ops["MatMul"] and ops["ReduceMean"]
     assert json.loads((path / "manifest.json").read_text())["opset"] == 18
+
+
+def test_opset_23_graph_uses_the_fused_ops(bundle) -> None:
+    """One RotaryEmbedding per q and k, one fused residual add + norm per norm but the first."""
+    proto = onnx.load(str(bundle(TINY) / "model.onnx"), load_external_data=False)
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    layers = load_config(TINY).num_layers
+    assert ops["RotaryEmbedding"] == 2 * layers and ops["Attention"] == layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["RMSNormalization"] == 1
+    assert "Neg" not in ops  # rotate-half spelled out would need it
 
 
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)

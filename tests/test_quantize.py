@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import onnx
 import pytest
 import torch
 from conftest import CONFORMANCE, TINY, TRAINED
@@ -58,7 +59,11 @@ def test_int4_on_representable_weights_passes(grid_checkpoint, tmp_path) -> None
     assert report["quantization"] == "int4" and report["thresholds"]["min_top1"] == 0.75
     quantization = manifest["quantization"]
     assert quantization["bits"] == 4 and quantization["op"] == "MatMulNBits"
-    assert quantization["quantized_matmuls"] == 2 * 7 + 1 + 2  # per layer q k v o gate up down, head, aggregation
+    assert quantization["quantized_matmuls"] == 2 * 4 + 1 + 2  # per layer qkv o gate_up down, head, aggregation
+    graph = onnx.load(str(tmp_path / "bundle-int4" / "model.onnx"), load_external_data=False).graph
+    with_bias = [n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5]]
+    biases = sorted(n.input[5].rsplit(".", 2)[-2] for n in with_bias)  # MatMulNBits' bias input, no Add
+    assert biases == ["0", "2", "qkv_proj", "qkv_proj"]  # both aggregation Linears, each layer's q/k/v
 
 
 def test_int8_on_random_weights_passes(tmp_path) -> None:
@@ -113,7 +118,7 @@ def test_tied_head_is_quantized_too(tmp_path) -> None:
     matrix, so it is quantized as well (the embedding's Gather keeps the float table)."""
     code, report, manifest = convert_and_validate(CONFORMANCE / "p4_mha_tied_nosmooth", "int8", tmp_path)
     assert code == 0, report
-    assert manifest["quantization"]["quantized_matmuls"] == 2 * 7 + 1 + 2
+    assert manifest["quantization"]["quantized_matmuls"] == 2 * 4 + 1 + 2
 
 
 @pytest.mark.parametrize("checkpoint", [TINY, CONFORMANCE / "p4_mha_tied_nosmooth"], ids=["untied", "tied"])
