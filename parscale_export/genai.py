@@ -63,6 +63,11 @@ def genai_config(
     assert contract.cache_layout == "heads", "genai needs the heads cache layout"
     # genai sizes a shared buffer by max_length: leave room for the prefix's slots too.
     length = contract.max_length + contract.prefix_slots if contract.cache.in_place else config.max_position_embeddings
+    if contract.cache.in_place:
+        notes.append(
+            f"genai allocates each request's cache buffer at its max_length (default {length}) and every decode "
+            "step reads all of it: give requests a max_length close to what they will use"
+        )
     model = {
         "bos_token_id": bos,
         "context_length": length,
