@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
+
 from parscale_export.synthetic import parscale_config, write_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,18 +106,23 @@ def time_bundles(args: argparse.Namespace, bundles: dict[str, Path]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def node_count(bundle: Path) -> int:
+    """Nodes in a bundle's graph: on CPU each costs a dispatch whatever it computes."""
+    return len(onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node)
+
+
 def report(bundles: dict[str, Path], result: dict) -> None:
     """The table, the P=1 token checks and the acceptance ratios."""
     by_context = {r["context"]: r for r in result["results"]}
     print(f"\nbatch 1, greedy, {result['steps']} decode steps, best of {result['rounds']} interleaved rounds")
-    print(f"{'bundle':24s}" + "".join(f" | ctx {c:4d}: ms/step  tok/s  spread" for c in by_context))
+    print(f"{'bundle':24s} nodes" + "".join(f" | ctx {c:4d}: ms/step  tok/s  spread" for c in by_context))
     for label, path in bundles.items():
         cells = []
         for r in by_context.values():
             best, rounds = r["ms_per_step"][str(path)], r["ms_rounds"][str(path)]
             cells.append(f" | {best:17.2f} {1e3 / best:6.1f} {100 * (max(rounds) / best - 1):6.1f}%")
-        print(f"{label:24s}" + "".join(cells))
-    print("(spread: slowest round over the best)")
+        print(f"{label:24s} {node_count(path):5d}" + "".join(cells))
+    print("(nodes: in the graph file, before ONNX Runtime's own fusions; spread: slowest round over the best)")
 
     def speed(ours: str, theirs: str, context: int) -> tuple[float, float, float] | None:
         """Best-of ratio of our speed to theirs, and its range over the rounds (paired by round)."""
