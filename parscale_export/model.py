@@ -61,7 +61,7 @@ def _(buffer: Tensor, update: Tensor, start: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
+    """Qwen2 RMSNorm (`rms_norm`) with its weight; `add_and_norm` fuses the residual add before it."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -69,20 +69,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def add_and_norm(self, x: Tensor, update: Tensor) -> tuple[Tensor, Tensor]:
         """(this norm of x + update, x + update): a residual add and the norm after it."""
         return add_rms_norm(x, update, self.weight, self.eps)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen2's RMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 def _add_rms_norm(x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     total = x + update
-    x32 = total.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(total.dtype), total
+    return rms_norm(total, weight, eps), total
 
 
 @torch.library.custom_op("parscale::add_rms_norm", mutates_args=())
