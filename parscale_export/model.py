@@ -29,7 +29,7 @@ Layout:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -494,16 +494,23 @@ STACKED = {
 }
 
 
+def _stacks(num_layers: int) -> Iterator[tuple[str, str, list[str]]]:
+    """(projection, fused tensor name, the checkpoint tensor names it stacks) for every layer,
+    weight and bias."""
+    for layer in range(num_layers):
+        for fused, parts in STACKED.items():
+            for kind in ("weight", "bias"):
+                prefix = f"model.layers.{layer}."
+                yield fused, f"{prefix}{fused}.{kind}", [f"{prefix}{part}.{kind}" for part in parts]
+
+
 def stack_projections(weights: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
     """Checkpoint names -> the model's, in place: each layer's q/k/v (weights and biases) and
     gate/up concatenated along the output axis. The parts leave `weights` as their stack enters,
     so a 1.8B model never holds both. Returns `weights`."""
-    for layer in range(num_layers):
-        for fused, parts in STACKED.items():
-            for kind in ("weight", "bias"):
-                names = [f"model.layers.{layer}.{part}.{kind}" for part in parts]
-                if names[0] in weights:
-                    weights[f"model.layers.{layer}.{fused}.{kind}"] = torch.cat([weights.pop(n) for n in names])
+    for _, fused, parts in _stacks(num_layers):
+        if parts[0] in weights:
+            weights[fused] = torch.cat([weights.pop(name) for name in parts])
     return weights
 
 
@@ -515,13 +522,9 @@ def unstack_projections(state: dict[str, Tensor], config: ModelConfig) -> dict[s
         "mlp.gate_up_proj": [config.intermediate_size] * 2,
     }
     out = dict(state)
-    for layer in range(config.num_layers):
-        for fused, parts in STACKED.items():
-            for kind in ("weight", "bias"):
-                name = f"model.layers.{layer}.{fused}.{kind}"
-                if name in out:
-                    pieces = out.pop(name).split(sizes[fused])
-                    out |= {f"model.layers.{layer}.{part}.{kind}": t for part, t in zip(parts, pieces, strict=True)}
+    for projection, fused, parts in _stacks(config.num_layers):
+        if fused in out:
+            out |= dict(zip(parts, out.pop(fused).split(sizes[projection]), strict=True))
     return out
 
 
