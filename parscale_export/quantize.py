@@ -68,6 +68,7 @@ def quantize_in_place(model_path: Path, scheme: str) -> dict:
                 new_initializers.append(_copy(tensor, source, sink))
 
     biases = _bias_adds(graph, packed_names, initializers)  # MatMul output -> its bias Add
+    folded = {add.output[0] for add in biases.values()}
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in packed_names:
@@ -80,7 +81,7 @@ def quantize_in_place(model_path: Path, scheme: str) -> dict:
                 "MatMulNBits", inputs, outputs, name=f"{node.name}_Q{bits}",
                 domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
             ))  # fmt: skip
-        elif node in biases.values():
+        elif node.op_type == "Add" and node.output[0] in folded:
             continue  # folded into its MatMulNBits
         elif not (_is_2d_transpose(node) and all(o in targets for o in node.output)):
             nodes.append(node)  # a transpose that only fed a quantized head is gone
