@@ -30,6 +30,7 @@ Layout:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,22 @@ def _rope_backward(ctx, grad: Tensor) -> tuple:
 rope.register_autograd(_rope_backward, setup_context=_save_rope_angles)
 
 
+@dataclass(frozen=True)
+class Step:
+    """What every layer reads in one call, computed once by ParScaleModel.
+
+    cos/sin [B, S, D/2] rotate the new queries and keys; `bias` is the additive attention bias.
+    Where the new keys go: `write_at` [B], the slot of each row's first new token (contract v2);
+    otherwise `slots` (packed contract v1 graphs) scatters them after each row's last real token;
+    with neither they are appended."""
+
+    cos: Tensor
+    sin: Tensor
+    bias: Tensor
+    slots: PackedSlots | None = None
+    write_at: Tensor | None = None
+
+
 class Attention(nn.Module):
     """Self-attention over the P streams of each sequence, hidden states [B, S*P, h].
 
@@ -226,32 +243,20 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.repeat(1, 1, group, 1))
         return out.reshape(batch, heads, seq, d)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        bias: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-        slots: PackedSlots | None = None,
-        write_at: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """`write_at` [B] (contract v2): the slot each row's tokens go to; None: contract v1, where
-        `slots` (packed graphs) scatters them after each row's last real token instead of appending."""
-        batch, seq, n, d = x.shape[0], cos.shape[1], self.n_streams, self.head_dim
+    def forward(self, x: Tensor, step: Step, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch, seq, n, d = x.shape[0], step.cos.shape[1], self.n_streams, self.head_dim
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)  # [B, S*P, n*D] each
         # Streams are the outer part of the head axis: query head p*H + h is stream p's head h.
-        q = rope(q.reshape(batch, seq, n * self.n_heads, d).transpose(1, 2), cos, sin)  # [B, P*H, S, D]
-        k = rope(k.reshape(batch, seq, n * self.n_kv, d).transpose(1, 2), cos, sin)  # [B, P*KV, S, D]
+        q = rope(q.reshape(batch, seq, n * self.n_heads, d).transpose(1, 2), step.cos, step.sin)  # [B, P*H, S, D]
+        k = rope(k.reshape(batch, seq, n * self.n_kv, d).transpose(1, 2), step.cos, step.sin)  # [B, P*KV, S, D]
         v = v.reshape(batch, seq, n * self.n_kv, d).transpose(1, 2)
 
-        if write_at is not None:  # contract v2: in place, the prefix inside the buffer
-            k, v = present_k, present_v = self._write(k, v, past_k, past_v, write_at)
-            out = self._attend_by_kv_head(q, k, v, bias)
+        if step.write_at is not None:  # contract v2: in place, the prefix inside the buffer
+            k, v = present_k, present_v = self._write(k, v, past_k, past_v, step.write_at)
+            out = self._attend_by_kv_head(q, k, v, step.bias)
         else:
-            k, v, present_k, present_v = self._append(k, v, past_k, past_v, slots)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv)
+            k, v, present_k, present_v = self._append(k, v, past_k, past_v, step.slots)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, enable_gqa=self.n_heads != self.n_kv)
         out = out.transpose(1, 2).reshape(batch, seq * n, self.n_heads * d)  # [B, P*H, S, D] -> [B, S*P, H*D]
         return self.o_proj(out), present_k, present_v
 
@@ -282,23 +287,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self,
-        x: Tensor,
-        update: Tensor | None,
-        cos: Tensor,
-        sin: Tensor,
-        bias: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-        slots: PackedSlots | None = None,
-        write_at: Tensor | None = None,
+        self, x: Tensor, update: Tensor | None, step: Step, past_k: Tensor, past_v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (the residual stream, this block's MLP output still to be added, present k, v)."""
         if update is None:
             h = self.input_layernorm(x)
         else:
             h, x = self.input_layernorm.add_and_norm(x, update)
-        attn, present_k, present_v = self.self_attn(h, cos, sin, bias, past_k, past_v, slots, write_at)
+        attn, present_k, present_v = self.self_attn(h, step, past_k, past_v)
         h, x = self.post_attention_layernorm.add_and_norm(x, attn)
         return x, self.mlp(h), present_k, present_v
 
@@ -431,11 +427,11 @@ class ParScaleModel(nn.Module):
             bias = slots.bias(n_prefix, x.dtype)
         else:
             bias = attention_bias(attention_mask, seq, n_prefix, x.dtype)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        step = Step(*self.rotary_emb(position_ids, x.dtype), bias, slots, write_at)
         presents = []
         update = None
         for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
-            x, update, present_k, present_v = layer(x, update, cos, sin, bias, past_k, past_v, slots, write_at)
+            x, update, present_k, present_v = layer(x, update, step, past_k, past_v)
             presents.append((present_k, present_v))
         x, _ = self.norm.add_and_norm(x, update)
         return (self._aggregate(x.view(batch, seq, n, -1)) if n > 1 else x), presents
