@@ -7,6 +7,12 @@ total length. Contract v2: genai allocates one buffer of max_length slots per ca
 binds it as past and present (`past_present_share_buffer`); our graph also keeps the T prefix
 slots there, so a genai max_length of L holds L - T tokens (a longer run stops with ONNX
 Runtime's TensorScatter error, never a silent wrap).
+
+Threads: unless told, genai gives a session half the logical CPUs (it assumes two hardware
+threads per core), so a machine without SMT siblings, like a 2-vCPU VM, decodes on one thread.
+Our config says `intra_op_num_threads: 0`, ONNX Runtime's own default: one thread per physical
+core, whatever the machine. The same on SMT machines, up to twice the threads where genai's
+guess is wrong (issue 10's note has the numbers, the builder's graph with it included).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from .contract import Contract
 from .errors import ConfigError
 
 GENAI_CONFIG = "genai_config.json"
+# intra_op_num_threads 0: ONNX Runtime picks one thread per physical core, not genai's half of
+# the logical CPUs (see the module docstring).
+THREADS = {"intra_op_num_threads": 0}
 
 
 def genai_config(
@@ -39,7 +48,7 @@ def genai_config(
     bos = next((i for i in tokens["bos_token_id"] if 0 <= i < vocab), eos[0])
     n = config.parscale_n
     decoder = {
-        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "session_options": {"log_id": "onnxruntime-genai", **THREADS, "provider_options": []},
         "filename": "model.onnx",
         "head_size": config.head_dim,
         "hidden_size": config.hidden_size,

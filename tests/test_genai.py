@@ -69,6 +69,9 @@ def test_genai_bundle_keeps_our_runtime_working(genai_bundles: dict) -> None:
     path = genai_bundles["tiny-parscale"]
     config = json.loads((path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == 4 * 2 and config["model"]["eos_token_id"] == 256
+    # ONNX Runtime's thread default (one per physical core), not genai's half of the logical CPUs;
+    # genai accepting the key is shown by the run below.
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
     ids = [72, 101, 108, 108, 111]
     ours = Runtime(path).greedy(np.array([ids]), np.ones((1, 5), np.int64), 12)[0].tolist()
     # Our tiny fixture's EOS (256) may end genai's run early; compare what both produced.
