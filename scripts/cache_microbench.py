@@ -5,6 +5,8 @@
   concat   contract v1: Concat(past, new) -> present, opset-23 Attention (copies the cache)
   scatter  opset-24 TensorScatter into a fixed buffer + Attention over the buffer with a mask;
            past and present bound to the same OrtValue (no copy)
+  grouped  scatter, with each key/value head's 4 query heads stacked along the query axis
+           ([1, 8, 4, 64] against [1, 8, slots, 64]), as our graphs run Attention
   gqa      ONNX Runtime's contrib GroupQueryAttention with a shared past/present buffer
 Prints ms per step (best of several rounds, interleaved) at each context, per capacity.
 
@@ -46,11 +48,13 @@ def concat_graph() -> bytes:
     return _model(nodes, inputs, outputs, 23)
 
 
-def scatter_graph() -> bytes:
+def scatter_graph(grouped: bool = False) -> bytes:
+    """`grouped`: query heads of one key/value head as rows of one query (model.Attention's form)."""
+    rows = HEADS // KV if grouped else 1
     inputs = [
-        helper.make_tensor_value_info("q", F, [1, HEADS, 1, D]),
+        helper.make_tensor_value_info("q", F, [1, KV, rows, D] if grouped else [1, HEADS, 1, D]),
         helper.make_tensor_value_info("index", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("bias", F, [1, 1, 1, "capacity"]),
+        helper.make_tensor_value_info("bias", F, [1, 1, rows, "capacity"]),
     ]
     outputs, nodes = [], []
     for i in range(LAYERS):
@@ -66,7 +70,7 @@ def scatter_graph() -> bytes:
             )
             outputs.append(helper.make_tensor_value_info(f"present_{kind}{i}", F, [1, KV, "capacity", D]))
         nodes.append(helper.make_node("Attention", ["q", f"present_k{i}", f"present_v{i}", "bias"], [f"y{i}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", F, [1, HEADS, 1, D]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", F, [1, KV, rows, D] if grouped else [1, HEADS, 1, D]))
     return _model(nodes, inputs, outputs, 24)
 
 
@@ -115,7 +119,8 @@ class Road:
                 binding.bind_ortvalue_output(output, value)
 
         new = (1, 1, KV * D) if self.name == "gqa" else (1, KV, 1, D)
-        bind("q", rng.standard_normal((1, 1, HEADS * D) if self.name == "gqa" else (1, HEADS, 1, D), np.float32))
+        query = {"gqa": (1, 1, HEADS * D), "grouped": (1, KV, HEADS // KV, D)}.get(self.name, (1, HEADS, 1, D))
+        bind("q", rng.standard_normal(query, np.float32))
         for i in range(LAYERS):
             for kind in "kv":
                 bind(f"{kind}{i}", rng.standard_normal(new, np.float32))
@@ -127,9 +132,10 @@ class Road:
                     cache[:, :, :context] = rng.standard_normal((1, KV, context, D))
                     bind(f"past_{kind}{i}", cache, f"present_{kind}{i}")
             binding.bind_output(f"y{i}")
-        if self.name == "scatter":
+        if self.name in ("scatter", "grouped"):
             bind("index", np.array([context], np.int64))
-            bias = np.full((1, 1, 1, capacity), np.finfo(np.float32).min, np.float32)
+            rows = HEADS // KV if self.name == "grouped" else 1
+            bias = np.full((1, 1, rows, capacity), np.finfo(np.float32).min, np.float32)
             bias[..., : context + 1] = 0
             bind("bias", bias)
         elif self.name == "gqa":
@@ -149,10 +155,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    roads = [Road(name, build(), args.threads) for name, build in
-             (("concat", concat_graph), ("scatter", scatter_graph), ("gqa", gqa_graph))]  # fmt: skip
+    builds = {"concat": concat_graph, "scatter": scatter_graph, "grouped": lambda: scatter_graph(grouped=True),
+              "gqa": gqa_graph}  # fmt: skip
+    roads = [Road(name, build(), args.threads) for name, build in builds.items()]
     print(f"ms per decode step, {LAYERS} layers, {HEADS}/{KV} heads, d {D}, best of {args.rounds}x{args.steps}")
-    print("context  capacity   concat  scatter      gqa")
+    print("context  capacity" + "".join(f"{name:>9s}" for name in builds))
     for context in (64, 1024, 2048):
         for capacity in (PREFIX + context + 64, PREFIX + 2048 + 64):
             best = {}
@@ -164,8 +171,8 @@ def main() -> None:
                     road.prepare(PREFIX + context, capacity)
                     took = min(road.step() for _ in range(args.steps))
                     best[road.name] = min(best.get(road.name, took), took)
-            cells = "  ".join(f"{1e3 * best[r.name]:7.2f}" for r in roads)
-            print(f"{context:7d} {capacity:9d}  {cells}")
+            cells = "".join(f"{1e3 * best[r.name]:9.2f}" for r in roads)
+            print(f"{context:7d} {capacity:9d}{cells}")
 
 
 if __name__ == "__main__":
