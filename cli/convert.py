@@ -11,7 +11,7 @@ import typer
 
 from parscale_export.bundle import read_manifest
 from parscale_export.contract import CACHE_NAMES
-from parscale_export.export import EXPORT_DTYPES, convert
+from parscale_export.export import EXPORT_DTYPES, ExportOptions, convert
 from parscale_export.family import convert_family
 from parscale_export.quantize import BITS
 
@@ -100,19 +100,16 @@ def convert_command(
     def log(message: str) -> None:
         typer.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
-    run = convert if len(checkpoints) == 1 else convert_family
-    result = run(
-        checkpoints[0] if len(checkpoints) == 1 else checkpoints,
-        output,
+    options = ExportOptions(
         dtype=dtype.value,
-        force=force,
         genai=genai,
         quantize=quantize.value if quantize else None,
         opset=opset,
         cache=cache.value,
         max_length=max_length,
-        log=log,
     )
+    run = convert if len(checkpoints) == 1 else convert_family
+    result = run(checkpoints[0] if len(checkpoints) == 1 else checkpoints, output, options, force=force, log=log)
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
     for name, size in result.files.items():
         typer.echo(f"  {name:28s} {_size(size):>10s}")

@@ -156,70 +156,84 @@ def _tensor_scatter(buffer, update, start):
     return opset24.TensorScatter(buffer, update, start, axis=2)
 
 
-def contract_for(
-    config: ModelConfig, dtype: str, genai: bool = False, cache: str = "dynamic", max_length: int | None = None
-) -> Contract:
+@dataclass(frozen=True)
+class ExportOptions:
+    """What a convert makes, checked when built, so that a family refuses bad options before its
+    first export. `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds
+    genai_config.json, so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or
+    "int4") turns the linear layers' weights into MatMulNBits blocks after export. `cache`
+    "static" writes contract v2 (fixed buffers of `max_length` tokens, written in place);
+    "dynamic" v1. `opset` (default: the contract's, 23 for v1, 24 for v2) below 23 writes
+    attention and normalisation from primitive ops, for older runtimes (contract v1 only)."""
+
+    dtype: str = "fp32"
+    genai: bool = False
+    quantize: str | None = None
+    opset: int | None = None
+    cache: str = "dynamic"
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in EXPORT_DTYPES:
+            raise OutputError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+        if self.quantize is not None and self.quantize not in BITS:
+            raise OutputError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(BITS)}")
+        if self.dtype == "bf16" and (self.quantize or self.genai or self.cache == "static"):
+            raise UsageError(
+                "--dtype bf16 goes with neither --quantize, --genai nor --cache static yet: none of them has "
+                "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
+            )
+        if self.cache not in CACHE_NAMES:
+            raise OutputError(f"--cache {self.cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
+        if (self.cache == "static") != (self.max_length is not None):
+            raise OutputError("--max-length goes with --cache static, and --cache static needs --max-length")
+        if self.max_length is not None and self.max_length < 1:
+            raise OutputError(f"--max-length {self.max_length} must be at least 1")
+        needed = CACHE_KINDS[CACHE_NAMES[self.cache]].opset
+        if self.cache == "static" and self.opset not in (None, needed):
+            raise UsageError(f"--cache static needs opset {needed} (TensorScatter); drop --opset")
+        if self.cache == "dynamic" and self.opset is not None and self.opset not in OPSETS:
+            raise OutputError(f"--opset {self.opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
+
+    @property
+    def graph_opset(self) -> int:
+        """The opset written: the one asked for, else the contract's."""
+        return CACHE_KINDS[CACHE_NAMES[self.cache]].opset if self.opset is None else self.opset
+
+
+DEFAULT_OPTIONS = ExportOptions()
+
+
+def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
     """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2 (which
     needs `max_length`, the most tokens a sequence may hold, and always uses the heads layout)."""
-    version = CACHE_NAMES[cache]
-    static = cache == "static"
+    static = options.cache == "static"
     return Contract(
-        cache_layout="heads" if genai or static else "rows",
+        cache_layout="heads" if options.genai or static else "rows",
         num_layers=config.num_layers,
         parscale_n=config.parscale_n,
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
-        dtype=CACHE_DTYPES[dtype],
-        version=version,
+        dtype=CACHE_DTYPES[options.dtype],
+        version=CACHE_NAMES[options.cache],
         prefix_slots=config.parscale_n_tokens if static else 0,
-        max_length=max_length if static else None,
+        max_length=options.max_length if static else None,
     )
 
 
 def convert(
     checkpoint_dir: Path,
     out_dir: Path,
-    dtype: str = "fp32",
+    options: ExportOptions = DEFAULT_OPTIONS,
     force: bool = False,
-    genai: bool = False,
-    quantize: str | None = None,
-    opset: int | None = None,
-    cache: str = "dynamic",
-    max_length: int | None = None,
     log: Log = lambda _: None,
 ) -> ConvertResult:
-    """Export `checkpoint_dir` to a bundle at `out_dir`. Raises ParScaleExportError subclasses.
-
-    `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds genai_config.json,
-    so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or "int4") turns
-    the linear layers' weights into MatMulNBits blocks after export. `cache` "static" writes
-    contract v2 (fixed buffers of `max_length` tokens, written in place); "dynamic" v1. `opset`
-    (default: the contract's, 23 for v1, 24 for v2) below 23 writes attention and normalisation
-    from primitive ops, for older runtimes (contract v1 only)."""
+    """Export `checkpoint_dir` to a bundle at `out_dir` as `options` say. Raises
+    ParScaleExportError subclasses."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if dtype not in EXPORT_DTYPES:
-        raise OutputError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
-    if quantize is not None and quantize not in BITS:
-        raise OutputError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(BITS)}")
-    if dtype == "bf16" and (quantize or genai or cache == "static"):
-        raise UsageError(
-            "--dtype bf16 goes with neither --quantize, --genai nor --cache static yet: none of them has "
-            "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
-        )
-    if cache not in CACHE_NAMES:
-        raise OutputError(f"--cache {cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
-    if (cache == "static") != (max_length is not None):
-        raise OutputError("--max-length goes with --cache static, and --cache static needs --max-length")
-    if max_length is not None and max_length < 1:
-        raise OutputError(f"--max-length {max_length} must be at least 1")
-    needed = CACHE_KINDS[CACHE_NAMES[cache]].opset
-    opset = needed if opset is None else opset
-    if cache == "static" and opset != needed:
-        raise UsageError(f"--cache static needs opset {needed} (TensorScatter); drop --opset")
-    if cache == "dynamic" and opset not in OPSETS:
-        raise OutputError(f"--opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
+    dtype, opset = options.dtype, options.graph_opset
     _check_target(out_dir, checkpoint_dir, force)
 
     log(f"reading {checkpoint_dir / 'config.json'}")
@@ -234,9 +248,9 @@ def convert(
     digest = weights_digest(checkpoint_dir)
     model = build_model(config, weights, EXPORT_DTYPES[dtype])
     del weights
-    contract = contract_for(config, dtype, genai, cache, max_length)
+    contract = contract_for(config, options)
     tokens = special_tokens(checkpoint_dir)
-    if genai:
+    if options.genai:
         genai_settings, notes = genai_config(config, contract, tokens)
         for note in notes:
             log(f"note: {note}")
@@ -247,9 +261,9 @@ def convert(
         del model  # the weights now live in model.onnx.data; free them before quantizing reloads it
         gc.collect()
         quantization = None
-        if quantize:
-            log(f"quantizing linear weights to {quantize} (MatMulNBits)")
-            quantization = quantize_in_place(staging / MODEL_FILE, quantize)
+        if options.quantize:
+            log(f"quantizing linear weights to {options.quantize} (MatMulNBits)")
+            quantization = quantize_in_place(staging / MODEL_FILE, options.quantize)
         log("checking the ONNX model")
         try:
             onnx.checker.check_model(str(staging / MODEL_FILE))
@@ -261,7 +275,7 @@ def convert(
                 shutil.copyfile(checkpoint_dir / name, staging / name)
         manifest = _manifest(config, contract, dtype, opset, checkpoint_dir, digest, tokens, quantization)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if genai:
+        if options.genai:
             (staging / GENAI_CONFIG).write_text(json.dumps(genai_settings, indent=2) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         _move_into_place(staging, out_dir)

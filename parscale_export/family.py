@@ -30,7 +30,16 @@ from .checkpoint import expected_shapes, weight_files
 from .config import ModelConfig, load_config
 from .datafile import SharedStore
 from .errors import CheckpointError, ConfigError, OutputError, UsageError
-from .export import ConvertResult, Log, _check_target, _move_into_place, _staging_dir, convert
+from .export import (
+    DEFAULT_OPTIONS,
+    ConvertResult,
+    ExportOptions,
+    Log,
+    _check_target,
+    _move_into_place,
+    _staging_dir,
+    convert,
+)
 from .genai import GENAI_CONFIG
 from .jsonfile import read_json_object
 from .tensorfile import TensorFile
@@ -124,13 +133,8 @@ def _same_tensor(file_a: TensorFile, file_b: TensorFile, name: str) -> bool:
 def convert_family(
     checkpoints: list[Path],
     out_dir: Path,
-    dtype: str = "fp32",
+    options: ExportOptions = DEFAULT_OPTIONS,
     force: bool = False,
-    genai: bool = False,
-    quantize: str | None = None,
-    opset: int | None = None,
-    cache: str = "dynamic",
-    max_length: int | None = None,
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export each checkpoint, then store the weights the graphs share once. Nothing is written
@@ -138,7 +142,7 @@ def convert_family(
     use contract v1: a family of in-place (v2) graphs has not been built or tested yet."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if cache != "dynamic" or max_length is not None:
+    if options.cache != "dynamic":
         raise UsageError("a family bundle is written with --cache dynamic (contract v1) for now")
     for checkpoint in checkpoints:
         _check_target(out_dir, Path(checkpoint), force)
@@ -155,8 +159,7 @@ def convert_family(
             p = m.config.parscale_n
             log(f"exporting P={p} from {m.checkpoint}")
             part = staging / f".member-p{p}"
-            options = dict(dtype=dtype, genai=genai, quantize=quantize, opset=opset)
-            convert(m.checkpoint, part, **options, log=lambda s: log("  " + s))
+            convert(m.checkpoint, part, options, log=lambda s: log("  " + s))
             manifests[p] = read_json_object(part / MANIFEST_FILE, OutputError)
             log(f"  storing P={p}'s weights beside those already stored")
             manifests[p]["files"] = store.add(p, part)
@@ -167,10 +170,10 @@ def convert_family(
                 shared_files = [n for n in COPIED_FILES if n not in PER_MEMBER_FILES and (part / n).is_file()]
                 for name in shared_files:
                     shutil.copyfile(part / name, staging / name)
-            if genai:
+            if options.genai:
                 shutil.copyfile(part / GENAI_CONFIG, staging / member_file(GENAI_CONFIG, p))
             shutil.rmtree(part)  # free its disk before the next export
-        if genai:
+        if options.genai:
             for p in sizes:
                 linked = [manifests[p]["files"]["model"], *manifests[p]["files"]["external_data"], *shared_files]
                 _genai_folder(staging, p, linked, log)

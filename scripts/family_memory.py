@@ -32,15 +32,15 @@ CASES = {
 
 
 def prepare(work: Path, quantize: str | None) -> None:
-    from parscale_export.export import convert
+    from parscale_export.export import ExportOptions, convert
     from parscale_export.family import convert_family
     from parscale_export.synthetic import parscale_config, write_family
 
     if (work / "family").is_dir() and (work / "single-p8").is_dir():
         return
     checkpoints = write_family(work / "checkpoints", parscale_config(**SHAPE), SIZES, seed=11)
-    convert(work / "checkpoints" / "p8", work / "single-p8", force=True, quantize=quantize)
-    convert_family(checkpoints, work / "family", force=True, quantize=quantize)
+    convert(work / "checkpoints" / "p8", work / "single-p8", ExportOptions(quantize=quantize), force=True)
+    convert_family(checkpoints, work / "family", ExportOptions(quantize=quantize), force=True)
 
 
 def child(case: str, work: Path, threads: int) -> dict:

@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from parscale_export.export import convert
+from parscale_export.export import ExportOptions, convert
 from parscale_export.generate import generate
 from parscale_export.runtime import Runtime
 from parscale_export.text import load_tokenizer
@@ -35,7 +35,7 @@ def measure(checkpoint: Path, work: Path, tokens: int) -> list[dict]:
     bundles = {}
     for scheme in ("fp32", "int8", "int4"):
         bundles[scheme] = work / f"{checkpoint.name}-{scheme}"
-        convert(checkpoint, bundles[scheme], quantize=None if scheme == "fp32" else scheme)
+        convert(checkpoint, bundles[scheme], ExportOptions(quantize=None if scheme == "fp32" else scheme))
     tokenizer = load_tokenizer(bundles["fp32"])
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
 

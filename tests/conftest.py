@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from parscale_export.export import convert
+from parscale_export.export import ExportOptions, convert
 from parscale_export.runtime import cuda_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ class BundleCache:
         if key not in self.done:
             out = self.root / f"{Path(checkpoint).name}-{dtype}-{cache}-{len(self.done)}"
             max_length = STATIC_MAX_LENGTH if cache == "static" else None
-            convert(checkpoint, out, dtype=dtype, cache=cache, max_length=max_length)
+            convert(checkpoint, out, ExportOptions(dtype=dtype, cache=cache, max_length=max_length))
             self.done[key] = out
         return self.done[key]
 

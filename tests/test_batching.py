@@ -12,7 +12,7 @@ from conftest import CONFORMANCE, TINY
 
 from parscale_export.batching import Batcher, QueueFull, Request
 from parscale_export.contract import Contract
-from parscale_export.export import convert
+from parscale_export.export import ExportOptions, convert
 from parscale_export.generate import Sampling, generate
 from parscale_export.runtime import Runtime
 from parscale_export.stepping import Stepper
@@ -48,7 +48,7 @@ class Recording(Stepper):
 @pytest.fixture(scope="module")
 def genai_tiny(tmp_path_factory) -> Runtime:
     out = tmp_path_factory.mktemp("genai") / "tiny-genai"
-    convert(TINY, out, genai=True)
+    convert(TINY, out, ExportOptions(genai=True))
     return Runtime(out)
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from parscale_export.bundle import DATA_FILE, MANIFEST_FILE, read_manifest
 from parscale_export.errors import BundleError
+from parscale_export.export import ExportOptions, convert
 from parscale_export.family import convert_family
 from parscale_export.runtime import Runtime, load_family
 from parscale_export.synthetic import parscale_config, write_checkpoint, write_family
@@ -215,11 +216,9 @@ def test_official_outputs_through_a_family(tmp_path: Path, bundle) -> None:
 
 def test_quantized_family_shares_quantized_weights(family: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "family-int8"
-    convert_family(family[1:], out, quantize="int8")
+    convert_family(family[1:], out, ExportOptions(quantize="int8"))
     single = tmp_path / "p4-int8"
-    from parscale_export.export import convert
-
-    convert(family[2], single, quantize="int8")
+    convert(family[2], single, ExportOptions(quantize="int8"))
     assert read_manifest(out, 2).quantization == "int8"
     own_p4 = (out / "model.p4.onnx.data").stat().st_size
     assert own_p4 < 0.5 * (single / DATA_FILE).stat().st_size, "the quantized backbone lives in the shared file"

@@ -127,12 +127,13 @@ def test_genai_engine_batches_requests_exactly(
 def test_genai_runs_every_p_of_a_family(tmp_path) -> None:
     """Each genai-p{P}/ folder of a family bundle loads in genai as it is, gives our runtime's
     greedy tokens for that P, and holds hard links to the family's files, not copies."""
+    from parscale_export.export import ExportOptions
     from parscale_export.family import convert_family
     from parscale_export.synthetic import parscale_config, write_family
 
     family = write_family(tmp_path / "ckpts", parscale_config(parscale_n_tokens=8), (1, 2), seed=4)
     out = tmp_path / "family"
-    convert_family(family, out, genai=True)
+    convert_family(family, out, ExportOptions(genai=True))
     ids = [5, 17, 42, 99]
     for size in (1, 2):
         folder = out / f"genai-p{size}"

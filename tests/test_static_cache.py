@@ -14,7 +14,7 @@ from parscale_export.cli.main import main
 from parscale_export.checkpoint import load_weights
 from parscale_export.config import load_config
 from parscale_export.errors import BundleError, CapacityError
-from parscale_export.export import contract_for
+from parscale_export.export import ExportOptions, contract_for
 from parscale_export.genai import genai_config
 from parscale_export.generate import generate
 from parscale_export.runtime import Runtime
@@ -132,7 +132,7 @@ def test_manifest_of_contract_v2_needs_max_length(bundle, tmp_path) -> None:
 def test_genai_config_of_contract_v2_warns_that_max_length_is_paid_for() -> None:
     """genai sizes the shared buffer by a request's max_length and Attention reads all of it."""
     config = load_config(TINY)
-    contract = contract_for(config, "fp32", genai=True, cache="static", max_length=32)
+    contract = contract_for(config, ExportOptions(genai=True, cache="static", max_length=32))
     settings, notes = genai_config(config, contract, {"eos_token_id": [1], "pad_token_id": [], "bos_token_id": []})
     length = 32 + config.parscale_n_tokens
     assert settings["search"]["max_length"] == length and settings["search"]["past_present_share_buffer"]
