@@ -55,7 +55,7 @@ def convert_command(
         typer.Option(
             min=18,
             max=23,
-            help="ONNX opset, contract v1 only (--cache static needs 24 and takes it by itself). 23, the "
+            help="ONNX opset, contract v1 only (--cache static and gqa take theirs: 24 and 23). 23, the "
             "default: fused Attention and RMSNormalization (onnxruntime >= 1.23). 18-22: the same model from "
             "MatMul, Softmax, ReduceMean... for older runtimes (18: onnxruntime >= 1.15).",
         ),
@@ -64,12 +64,17 @@ def convert_command(
         Cache,
         typer.Option(
             help="dynamic: contract v1, the cache grows by concatenation. static: contract v2, fixed "
-            "buffers of --max-length tokens written in place (faster decoding at long contexts)."
+            "buffers of --max-length tokens written in place (faster decoding at long contexts). gqa: contract "
+            "v3, the same buffers read by ONNX Runtime's GroupQueryAttention, which reads only the filled slots: "
+            "the choice for onnxruntime-genai, whose buffer is a request's max_length (ONNX Runtime only; a "
+            "chunked prefill goes one sequence at a time)."
         ),
     ] = Cache.dynamic,
     max_length: Annotated[
         int | None,
-        typer.Option(min=1, help="With --cache static: the most tokens (prompt + generated) one sequence may hold."),
+        typer.Option(
+            min=1, help="With --cache static or gqa: the most tokens (prompt + generated) one sequence may hold."
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty output directory, once the new bundle is complete.")

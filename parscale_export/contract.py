@@ -27,6 +27,13 @@ The ids, mask and positions mean what they mean in version 1. Token column j of 
 any call slots [0, total) hold the tokens, [total, total + T) the prefix, and the rest is
 unused and masked. The caller allocates zeros of capacity >= T + total and binds past and
 present to the same memory; a call that would need more slots is refused (CapacityError).
+
+Version 3 (`convert --cache gqa --max-length N`): version 2's buffers and inputs, read by ONNX
+Runtime's GroupQueryAttention, which attends only over the slots in use. The prefix sits in slots
+[0, T), written by a sequence's first call (the call whose mask is as long as its input); token
+column j of the mask lives in slot T + j. Left padding is hidden by the mask, as in v1. A call
+with several new tokens over a past is refused for batch > 1 (ONNX Runtime's kernel takes those
+one sequence at a time).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError, CapacityError
+from .errors import BundleError, CapacityError, UsageError
 
 # Cache dtypes: the numpy type a host-side cache uses (numpy has no bfloat16: a bf16 cache only
 # ever lives in ONNX Runtime OrtValues) and the ONNX element type that allocates one.
@@ -67,13 +74,24 @@ class CacheKind:
     present_axis: str  # symbolic length of the present outputs
     in_place: bool  # present is the past buffer, written at the sequence's position
     opset: int  # ONNX opset the graph needs (TensorScatter arrived in 24)
+    attention: str  # how the graph writes and reads the cache (model.ParScaleModel._step)
+    batched_chunks: bool = True  # several new tokens over a past, for several sequences in one call
 
 
 CACHE_KINDS = {
-    1: CacheKind(past_axis=PAST, present_axis=TOTAL, in_place=False, opset=23),
-    2: CacheKind(past_axis=CAPACITY, present_axis=CAPACITY, in_place=True, opset=24),
+    1: CacheKind(past_axis=PAST, present_axis=TOTAL, in_place=False, opset=23, attention="append"),
+    2: CacheKind(past_axis=CAPACITY, present_axis=CAPACITY, in_place=True, opset=24, attention="scatter"),
+    # ONNX Runtime's GroupQueryAttention refuses several new tokens over a past when batch > 1.
+    3: CacheKind(
+        past_axis=CAPACITY,
+        present_axis=CAPACITY,
+        in_place=True,
+        opset=23,
+        attention="grouped_query",
+        batched_chunks=False,
+    ),
 }
-CACHE_NAMES = {"dynamic": 1, "static": 2}  # `convert --cache` -> contract version
+CACHE_NAMES = {"dynamic": 1, "static": 2, "gqa": 3}  # `convert --cache` -> contract version
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,15 @@ class Contract:
         shape = self.cache_shape(batch, self.cache_slots(tokens))
         return [np.zeros(shape, dtype=self.np_dtype) for _ in self.past_names()]
 
+    def check_call(self, batch: int, seq: int, total: int) -> None:
+        """Refuse a call this contract's graph cannot make (ONNX Runtime would fail mid-run)."""
+        if not self.cache.batched_chunks and batch > 1 and 1 < seq < total:
+            raise UsageError(
+                f"contract v{self.version} (GroupQueryAttention) takes several new tokens over a past for one "
+                f"sequence at a time, not {batch}: feed a batch's chunks one sequence at a time, or convert with "
+                "--cache static"
+            )
+
     def check_room(self, slots: int, total: int) -> None:
         """Refuse a call after which a sequence would hold `total` tokens in a past of `slots`
         slots: a fixed buffer never wraps or grows silently."""
@@ -234,7 +261,7 @@ class Contract:
         if contract.cache.in_place and not (
             contract.cache_layout == "heads" and isinstance(contract.max_length, int) and contract.max_length > 0
         ):
-            raise BundleError("contract version 2 needs the heads layout and a positive max_length")
+            raise BundleError(f"contract version {contract.version} needs the heads layout and a positive max_length")
         return contract
 
 

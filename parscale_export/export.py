@@ -78,6 +78,32 @@ def _skip_norm_op() -> values.Op:
 SKIP_NORM = _skip_norm_op()
 
 
+def _group_query_attention_op() -> values.Op:
+    """ONNX Runtime's GroupQueryAttention (com.microsoft), the inputs contract v3 uses, described
+    for onnxscript."""
+    param, optional = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+    names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+             "cos_cache", "sin_cache", "position_ids", "attention_bias"]  # fmt: skip
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "I"}
+    required = {"query", "seqlens_k", "total_sequence_length"}
+    inputs = [param(n, types.get(n, "T")) if n in required else param(n, types.get(n, "T"), param_option=optional)
+              for n in names]  # fmt: skip
+    attribute = onnx.defs.OpSchema.Attribute
+    schema = onnx.defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=inputs,
+        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+        attributes=[attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
+                    attribute("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, "")],
+    )  # fmt: skip
+    return values.Op(values.Opset("com.microsoft", 1), schema.name, op_schema=schema)
+
+
+GROUP_QUERY_ATTENTION = _group_query_attention_op()
+
+
 @dataclass(frozen=True)
 class ConvertResult:
     out_dir: Path
@@ -100,8 +126,8 @@ class ExportGraph(nn.Module):
     def __init__(self, lm: ParScaleForCausalLM, contract: Contract) -> None:
         super().__init__()
         self.lm = lm
-        self.in_place = contract.cache.in_place
-        self.reshape = contract.cache_layout == "heads" and not self.in_place
+        self.attention = contract.cache.attention
+        self.reshape = contract.cache_layout == "heads" and not contract.cache.in_place
         # Packed (model.PackedSlots) wherever genai may drive the graph: the heads layout, which
         # v2 always has. With the left padding our runtime feeds, packed is the same computation.
         self.packed = contract.cache_layout == "heads"
@@ -111,7 +137,7 @@ class ExportGraph(nn.Module):
         if self.reshape:
             past = tuple(t.reshape(-1, c.num_kv_heads, t.shape[2], c.head_dim) for t in past)
         pairs = list(zip(past[0::2], past[1::2], strict=True))
-        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs, self.packed, self.in_place)
+        logits, presents = self.lm(input_ids, attention_mask, position_ids, pairs, self.packed, self.attention)
         flat = [t for kv in presents for t in kv]
         if self.reshape:
             batch = input_ids.shape[0]
@@ -150,6 +176,40 @@ def _add_rms_norm_decomposed(x, update, weight, eps: float):
     return opset18.Mul(weight, opset18.CastLike(opset18.Mul(x32, scale), total)), total
 
 
+def _rotary_heads_last(x, cos, sin, heads: int):
+    """model.rope_heads_last in ONNX: one RotaryEmbedding over x [B, S, heads*D]."""
+    return opset23.RotaryEmbedding(x, cos, sin, num_heads=heads)
+
+
+def _group_query_attention(q, k, v, buffer_k, buffer_v, prefix_k, prefix_v, last, first, bias, bias_shape, total):
+    """model.group_query_attention in ONNX: GroupQueryAttention, past and present one buffer.
+    With a prefix (P > 1), every call concatenates its T rows in front of the new keys, values and
+    (zero) queries and then slices them off again unless this is the first call, so only the
+    first call writes them; the output drops the rows it added. ONNX shapes may depend on data,
+    which torch.export's may not: hence this is done here, not in the model."""
+    op = opset23
+    t, heads, kv_heads = prefix_k.shape[1], q.shape[2] // buffer_k.shape[3], buffer_k.shape[1]
+    if t:
+        batch = op.Shape(q, start=0, end=1)
+        width = op.Shape(q, start=2, end=3)
+        skip = op.Mul(op.Constant(value_ints=[t]), op.Sub(op.Constant(value_ints=[1]), first))  # 0 first, T later
+        to_end, axis = op.Constant(value_ints=[1 << 62]), op.Constant(value_ints=[1])
+        rows = op.Concat(batch, op.Constant(value_ints=[t]), width, axis=0)
+        zeros = op.CastLike(op.ConstantOfShape(rows), q)
+        q = op.Slice(op.Concat(zeros, q, axis=1), skip, to_end, axis)
+        kv_rows = op.Concat(batch, op.Constant(value_ints=[t]), op.Shape(k, start=2, end=3), axis=0)
+        k = op.Slice(op.Concat(op.Expand(prefix_k, kv_rows), k, axis=1), skip, to_end, axis)
+        v = op.Slice(op.Concat(op.Expand(prefix_v, kv_rows), v, axis=1), skip, to_end, axis)
+    bias = op.Expand(bias, bias_shape)  # the same in every layer: ONNX Runtime computes it once
+    out, present_k, present_v = GROUP_QUERY_ATTENTION(
+        q, k, v, buffer_k, buffer_v, last, total, None, None, None, bias, num_heads=heads, kv_num_heads=kv_heads
+    )
+    if t:
+        keep = op.Sub(op.Constant(value_ints=[t]), skip)  # T on the first call, 0 later
+        out = op.Slice(out, keep, op.Constant(value_ints=[1 << 62]), op.Constant(value_ints=[1]))
+    return out, present_k, present_v
+
+
 def _tensor_scatter(buffer, update, start):
     """model.cache_write in ONNX: one TensorScatter along the slot axis, in place in ONNX Runtime
     when past and present share memory."""
@@ -178,21 +238,24 @@ class ExportOptions:
             raise OutputError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
         if self.quantize is not None and self.quantize not in BITS:
             raise OutputError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(BITS)}")
-        if self.dtype == "bf16" and (self.quantize or self.genai or self.cache == "static"):
-            raise UsageError(
-                "--dtype bf16 goes with neither --quantize, --genai nor --cache static yet: none of them has "
-                "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
-            )
         if self.cache not in CACHE_NAMES:
             raise OutputError(f"--cache {self.cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
-        if (self.cache == "static") != (self.max_length is not None):
-            raise OutputError("--max-length goes with --cache static, and --cache static needs --max-length")
+        if self.dtype == "bf16" and (self.quantize or self.genai or self.cache != "dynamic"):
+            raise UsageError(
+                f"--dtype bf16 goes with neither --quantize, --genai nor --cache {self.cache} yet: none of them has "
+                "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
+            )
+        kind = CACHE_KINDS[CACHE_NAMES[self.cache]]
+        fixed = [name for name, version in CACHE_NAMES.items() if CACHE_KINDS[version].in_place]
+        if kind.in_place and self.max_length is None:
+            raise OutputError(f"--cache {self.cache} needs --max-length (its buffers' size)")
+        if not kind.in_place and self.max_length is not None:
+            raise OutputError(f"--max-length goes with --cache {' or '.join(fixed)}, not {self.cache}")
         if self.max_length is not None and self.max_length < 1:
             raise OutputError(f"--max-length {self.max_length} must be at least 1")
-        needed = CACHE_KINDS[CACHE_NAMES[self.cache]].opset
-        if self.cache == "static" and self.opset not in (None, needed):
-            raise UsageError(f"--cache static needs opset {needed} (TensorScatter); drop --opset")
-        if self.cache == "dynamic" and self.opset is not None and self.opset not in OPSETS:
+        if kind.in_place and self.opset not in (None, kind.opset):
+            raise UsageError(f"--cache {self.cache} needs opset {kind.opset}; drop --opset")
+        if not kind.in_place and self.opset is not None and self.opset not in OPSETS:
             raise OutputError(f"--opset {self.opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
 
     @property
@@ -205,9 +268,10 @@ DEFAULT_OPTIONS = ExportOptions()
 
 
 def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
-    """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2 (which
-    needs `max_length`, the most tokens a sequence may hold, and always uses the heads layout)."""
-    static = options.cache == "static"
+    """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2, "gqa"
+    version 3 (both need `max_length`, the most tokens a sequence may hold, and always use the
+    heads layout)."""
+    static = CACHE_KINDS[CACHE_NAMES[options.cache]].in_place
     return Contract(
         cache_layout="heads" if options.genai or static else "rows",
         num_layers=config.num_layers,
@@ -319,6 +383,8 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
                 torch.ops.parscale.cache_write.default: _tensor_scatter,
                 torch.ops.parscale.rope.default: _rotary if opset >= 23 else _rotary_decomposed,
                 torch.ops.parscale.add_rms_norm.default: _add_rms_norm if opset >= 23 else _add_rms_norm_decomposed,
+                torch.ops.parscale.rope_heads_last.default: _rotary_heads_last,
+                torch.ops.parscale.group_query_attention.default: _group_query_attention,
             },
         )
         _fuse_norms(program.model)

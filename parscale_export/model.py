@@ -160,6 +160,75 @@ def _rope_backward(ctx, grad: Tensor) -> tuple:
 rope.register_autograd(_rope_backward, setup_context=_save_rope_angles)
 
 
+@torch.library.custom_op("parscale::rope_heads_last", mutates_args=())
+def rope_heads_last(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    """`rope` for x [B, S, heads*D] (the layout GroupQueryAttention takes): one ONNX
+    RotaryEmbedding with num_heads in the export."""
+    batch, seq, _ = x.shape
+    x4 = x.reshape(batch, seq, heads, -1)
+    x1, x2 = x4.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(x.shape)
+
+
+@rope_heads_last.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("parscale::group_query_attention", mutates_args=())
+def group_query_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    buffer_k: Tensor,
+    buffer_v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    last: Tensor,
+    first: Tensor,
+    bias: Tensor,
+    bias_shape: Tensor,
+    total: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contract v3's attention, ONNX Runtime's GroupQueryAttention with a shared buffer in the
+    export. q [B, S, NH*D], k/v [B, S, NKV*D] (rotated), buffers [B, NKV, capacity, D], prefix
+    [1, T, NKV*D] (T may be 0), `last` [B] int32 the slot of each row's last new token, `first`
+    [1] 1 on a sequence's first call, `bias` [B, 1, 1, total] additive over slots [0, total).
+    `bias_shape` (the bias for every new row, [B, 1, rows, total]) and `total` (int32 scalar) are
+    what the ONNX op wants, computed once per call by the caller so no layer repeats them.
+
+    The first call writes the prefix too: T extra rows at slots [0, T) (unrotated, so exact) in
+    front of the tokens, with zero queries whose outputs are dropped. Every row's new keys go to
+    slots (last - rows, last]; query i attends slots up to its own, plus the bias."""
+    batch, seq, _ = q.shape
+    n_kv, d = buffer_k.shape[1], buffer_k.shape[3]
+    if int(first) and prefix_k.shape[1]:
+        t = prefix_k.shape[1]
+        q = torch.cat((q.new_zeros(batch, t, q.shape[2]), q), dim=1)
+        k = torch.cat((prefix_k.expand(batch, -1, -1), k), dim=1)
+        v = torch.cat((prefix_v.expand(batch, -1, -1), v), dim=1)
+    rows = q.shape[1]
+    start = last.long() + 1 - rows  # [B]
+    present_k = cache_write(buffer_k, k.reshape(batch, rows, n_kv, d).transpose(1, 2), start)
+    present_v = cache_write(buffer_v, v.reshape(batch, rows, n_kv, d).transpose(1, 2), start)
+    total = bias.shape[-1]
+    slots = torch.arange(total, device=q.device)
+    query_slots = start[:, None] + torch.arange(rows, device=q.device)  # [B, rows]
+    causal = torch.where(slots <= query_slots[..., None], 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    mask = causal[:, None] + bias[..., :total]  # [B, 1, rows, total]
+    qh = q.reshape(batch, rows, -1, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        qh, present_k[:, :, :total], present_v[:, :, :total], attn_mask=mask, enable_gqa=qh.shape[1] != n_kv
+    )
+    return out.transpose(1, 2).reshape(batch, rows, -1)[:, rows - seq :], present_k, present_v
+
+
+@group_query_attention.register_fake
+def _(q, k, v, buffer_k, buffer_v, prefix_k, prefix_v, last, first, bias, bias_shape, total):
+    return torch.empty_like(q), torch.empty_like(buffer_k), torch.empty_like(buffer_v)
+
+
 @dataclass(frozen=True)
 class Step:
     """What every layer reads in one call, computed once by ParScaleModel.
@@ -167,13 +236,18 @@ class Step:
     cos/sin [B, S, D/2] rotate the new queries and keys; `bias` is the additive attention bias.
     Where the new keys go: `write_at` [B], the slot of each row's first new token (contract v2);
     otherwise `slots` (packed contract v1 graphs) scatters them after each row's last real token;
-    with neither they are appended."""
+    with neither they are appended. Contract v3 (`last` set) hands the write and the attention to
+    group_query_attention."""
 
     cos: Tensor
     sin: Tensor
     bias: Tensor
     slots: PackedSlots | None = None
     write_at: Tensor | None = None
+    last: Tensor | None = None  # contract v3: each row's last new slot (GroupQueryAttention)
+    first: Tensor | None = None  # contract v3: [1], 1 on a sequence's first call
+    bias_shape: Tensor | None = None  # contract v3: [B, 1, new rows, total], the bias as the op takes it
+    total: Tensor | None = None  # contract v3: slots in use after this call (int32 scalar)
 
 
 class Attention(nn.Module):
@@ -246,6 +320,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, step: Step, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq, n, d = x.shape[0], step.cos.shape[1], self.n_streams, self.head_dim
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)  # [B, S*P, n*D] each
+        if step.last is not None:  # contract v3: [B, S*P, n*D] is [B, S, P*n*D], GroupQueryAttention's layout
+            return self._group_query(q, k, v, step, past_k, past_v)
         # Streams are the outer part of the head axis: query head p*H + h is stream p's head h.
         q = rope(q.reshape(batch, seq, n * self.n_heads, d).transpose(1, 2), step.cos, step.sin)  # [B, P*H, S, D]
         k = rope(k.reshape(batch, seq, n * self.n_kv, d).transpose(1, 2), step.cos, step.sin)  # [B, P*KV, S, D]
@@ -259,6 +335,24 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, enable_gqa=self.n_heads != self.n_kv)
         out = out.transpose(1, 2).reshape(batch, seq * n, self.n_heads * d)  # [B, P*H, S, D] -> [B, S*P, H*D]
         return self.o_proj(out), present_k, present_v
+
+    def _group_query(
+        self, q: Tensor, k: Tensor, v: Tensor, step: Step, past_k: Tensor, past_v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        batch, seq, n = q.shape[0], step.cos.shape[1], self.n_streams
+        q = rope_heads_last(q.reshape(batch, seq, -1), step.cos, step.sin, n * self.n_heads)
+        k = rope_heads_last(k.reshape(batch, seq, -1), step.cos, step.sin, n * self.n_kv)
+        v = v.reshape(batch, seq, -1)
+        if n > 1:  # [P, KV, T, D] -> [1, T, P*KV*D]: one row per prefix slot, like k and v
+            prefix_k, prefix_v = (
+                t.permute(2, 0, 1, 3).reshape(1, t.shape[2], -1) for t in (self.prefix_k, self.prefix_v)
+            )
+        else:
+            prefix_k = prefix_v = k.new_zeros(1, 0, k.shape[2])
+        out, present_k, present_v = group_query_attention(
+            q, k, v, past_k, past_v, prefix_k, prefix_v, step.last, step.first, step.bias, step.bias_shape, step.total
+        )
+        return self.o_proj(out.reshape(batch, seq * n, -1)), present_k, present_v
 
 
 class MLP(nn.Module):
@@ -406,28 +500,13 @@ class ParScaleModel(nn.Module):
         position_ids: Tensor,
         past: KVCache,
         packed: bool = False,
-        in_place: bool = False,
+        attention: str = "append",
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        n, n_prefix = self.config.parscale_n, self.config.parscale_n_tokens
+        n = self.config.parscale_n
         batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)[:, :, None].expand(-1, -1, n, -1)  # a copy per stream
         x = x.reshape(batch, seq * n, -1)  # [B, S*P, h]
-        slots = PackedSlots(attention_mask, seq, past[0][0].shape[2]) if packed else None
-        write_at = None
-        if slots is not None:
-            position_ids = slots.positions()
-        if in_place:  # contract v2: this call's tokens go to slot `past` of every sequence's buffers
-            capacity = past[0][0].shape[2]
-            if slots is not None:  # ...or, packed, right after each row's last real token
-                write_at, bias = slots.start, slots.buffer_bias(n_prefix, x.dtype, capacity)
-            else:
-                write_at = torch.full((batch,), attention_mask.shape[1] - seq, dtype=torch.long)
-                bias = attention_bias(attention_mask, seq, n_prefix, x.dtype, capacity=capacity)
-        elif slots is not None:
-            bias = slots.bias(n_prefix, x.dtype)
-        else:
-            bias = attention_bias(attention_mask, seq, n_prefix, x.dtype)
-        step = Step(*self.rotary_emb(position_ids, x.dtype), bias, slots, write_at)
+        step = self._step(attention_mask, position_ids, past[0][0].shape[2], seq, x.dtype, packed, attention)
         presents = []
         update = None
         for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
@@ -435,6 +514,46 @@ class ParScaleModel(nn.Module):
             presents.append((present_k, present_v))
         x, _ = self.norm.add_and_norm(x, update)
         return (self._aggregate(x.view(batch, seq, n, -1)) if n > 1 else x), presents
+
+    def _step(
+        self,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past_length: int,
+        seq: int,
+        dtype: torch.dtype,
+        packed: bool,
+        attention: str,
+    ) -> Step:
+        """What every layer reads, by the contract's attention (CacheKind.attention): "append"
+        (v1), "scatter" (v2: written at slot `past`, or packed after each row's last real token)
+        or "grouped_query" (v3: always packed, the prefix in slots [0, T))."""
+        n_prefix = self.config.parscale_n_tokens
+        batch, total = attention_mask.shape
+        slots = PackedSlots(attention_mask, seq, past_length) if packed else None
+        if slots is not None:
+            position_ids = slots.positions()
+        cos, sin = self.rotary_emb(position_ids, dtype)
+        if attention == "grouped_query":
+            assert slots is not None, "contract v3 graphs read each row's slots from the mask"
+            last = (slots.start + seq - 1 + n_prefix).to(torch.int32)
+            first = (torch.full((1,), total - seq) == 0).long()  # the first call also writes the prefix
+            visible = torch.cat((attention_mask.new_ones(batch, n_prefix), attention_mask), dim=1) == 1
+            bias = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None]
+            rows = seq + n_prefix * first
+            bias_shape = torch.cat((torch.full((1,), batch), torch.ones(1, dtype=torch.long), rows,
+                                    torch.full((1,), n_prefix + total)))  # fmt: skip
+            used = torch.full((), n_prefix + total, dtype=torch.int32)
+            return Step(cos, sin, bias, last=last, first=first, bias_shape=bias_shape, total=used)
+        if attention == "scatter":  # contract v2: this call's tokens go to slot `past` of every sequence's buffers
+            if slots is not None:  # ...or, packed, right after each row's last real token
+                return Step(cos, sin, slots.buffer_bias(n_prefix, dtype, past_length), slots, slots.start)
+            write_at = torch.full((batch,), total - seq, dtype=torch.long)
+            bias = attention_bias(attention_mask, seq, n_prefix, dtype, capacity=past_length)
+            return Step(cos, sin, bias, None, write_at)
+        if slots is not None:
+            return Step(cos, sin, slots.bias(n_prefix, dtype), slots)
+        return Step(cos, sin, attention_bias(attention_mask, seq, n_prefix, dtype))
 
     def _aggregate(self, streams: Tensor) -> Tensor:
         """Weighted sum of the P streams [B, S, P, h] -> [B, S, h], as the official model does."""
@@ -467,12 +586,13 @@ class ParScaleForCausalLM(nn.Module):
         position_ids: Tensor,
         past: KVCache,
         packed: bool = False,
-        in_place: bool = False,
+        attention: str = "append",
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """logits [B, S, V] float32 and the presents per layer: [P*B, KV, past + S, D] (contract
-        v1; with `packed`, max(past, mask length) long: see PackedSlots), or with `in_place` the
-        [B, P*KV, capacity, D] buffers after this call's write (v2)."""
-        hidden, presents = self.model(input_ids, attention_mask, position_ids, past, packed, in_place)
+        v1; with `packed`, max(past, mask length) long: see PackedSlots), or with `attention`
+        "scatter" (v2) or "grouped_query" (v3) the [B, P*KV, capacity, D] buffers after this
+        call's write."""
+        hidden, presents = self.model(input_ids, attention_mask, position_ids, past, packed, attention)
         return self.lm_head(hidden).float(), presents
 
     def empty_cache(self, batch: int) -> list[tuple[Tensor, Tensor]]:

@@ -155,6 +155,7 @@ class Runtime(Stepper):
         cache (contract v2) is bound as both past and present, so no call copies it. Only the
         logits come back to the host."""
         self.contract.check_room(cache_slots(past[0]), attention_mask.shape[1])
+        self.contract.check_call(*input_ids.shape, attention_mask.shape[1])
         feeds = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -165,6 +166,10 @@ class Runtime(Stepper):
             logits, *present = self.session.run(self.contract.output_names(), feeds)
             return logits, present
         return self._run_bound(feeds, past)
+
+    @property
+    def batched_chunks(self) -> bool:
+        return self.contract.cache.batched_chunks
 
     def _run_bound(self, feeds: dict[str, np.ndarray], past: list) -> tuple[np.ndarray, list]:
         binding = self.session.io_binding()

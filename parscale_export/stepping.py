@@ -41,6 +41,12 @@ class Stepper(ABC):
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
         """One call: logits float32 [B, S, V] and the presents. `attention_mask` covers past + new."""
 
+    @property
+    def batched_chunks(self) -> bool:
+        """Whether one call may feed several new tokens over a past to several sequences (contract
+        v3's GroupQueryAttention feeds one sequence at a time)."""
+        return True
+
     @abstractmethod
     def empty_past(self, batch: int, tokens: int | None = None) -> list[Any]:
         """The first call's cache for `batch` sequences that will hold `tokens` tokens in all

@@ -215,6 +215,10 @@ class _CheckedRuntime(Stepper):
                 self.problems.append(problem)
         return logits, present
 
+    @property
+    def batched_chunks(self) -> bool:
+        return self.runtime.batched_chunks
+
     def empty_past(self, batch, tokens=None):
         return self.runtime.empty_past(batch, tokens)
 
@@ -258,12 +262,17 @@ def compare(
     decode = _decode(bundle, reference, (got, want), (bundle_state, ref_state), settings.decode_steps)
     phases.append(decode.result("decode", limits))
 
-    log("chunked prefill: the same prompts in two calls (past > 0, sequence > 1)")
+    rows = [slice(None)] if bundle.batched_chunks else [slice(b, b + 1) for b in range(settings.batch)]
+    alone = "" if bundle.batched_chunks else ", one sequence at a time (GroupQueryAttention)"
+    log(f"chunked prefill: the same prompts in two calls (past > 0, sequence > 1){alone}")
     split = settings.prompt_length // 2
-    first, state = bundle.prefill(ids[:, :split], mask[:, :split], reserve=settings.prompt_length - split)
-    second, _ = bundle.run(ids[:, split:], mask, state.past)  # the full mask: the chunk may hold padding
+    parts = []
+    for row in rows:
+        first, state = bundle.prefill(ids[row, :split], mask[row, :split], reserve=settings.prompt_length - split)
+        second, _ = bundle.run(ids[row, split:], mask[row], state.past)  # the full mask: the chunk may hold padding
+        parts.append(np.concatenate([first, second], axis=1))
     chunked = _Comparison()
-    chunked.add(np.concatenate([first, second], axis=1), want, real)
+    chunked.add(np.concatenate(parts, axis=0), want, real)
     phases.append(chunked.result("chunked-prefill", limits))
 
     log("batch 1: the first prompt alone")

@@ -32,8 +32,8 @@ STATIC_MAX_LENGTH = 40  # --max-length of the static-cache bundles tests make: s
 
 
 class BundleCache:
-    """Converts each (checkpoint, dtype, cache) once per test session; cache "static" is
-    contract v2 with max_length STATIC_MAX_LENGTH."""
+    """Converts each (checkpoint, dtype, cache) once per test session; caches "static"
+    (contract v2) and "gqa" (v3) get max_length STATIC_MAX_LENGTH."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,7 +43,7 @@ class BundleCache:
         key = (Path(checkpoint), dtype, cache)
         if key not in self.done:
             out = self.root / f"{Path(checkpoint).name}-{dtype}-{cache}-{len(self.done)}"
-            max_length = STATIC_MAX_LENGTH if cache == "static" else None
+            max_length = None if cache == "dynamic" else STATIC_MAX_LENGTH
             convert(checkpoint, out, ExportOptions(dtype=dtype, cache=cache, max_length=max_length))
             self.done[key] = out
         return self.done[key]

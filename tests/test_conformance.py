@@ -1,4 +1,4 @@
-"""The PyTorch reference and the ONNX export, with either cache contract, reproduce the
+"""The PyTorch reference and the ONNX export, with each cache contract, reproduce the
 official ParScale outputs."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import CONFORMANCE, CONFORMANCE_NAMES, official
 
-from parscale_export.contract import ORT_TYPES
+from parscale_export.contract import CACHE_NAMES, ORT_TYPES
+from parscale_export.errors import UsageError
 from parscale_export.reference import Reference
 from parscale_export.runtime import Runtime
 from parscale_export.stepping import Stepper
@@ -18,15 +19,18 @@ TOL = 1e-4  # float32; observed ~2e-6
 def engine(kind: str, name: str, bundle) -> Stepper:
     if kind == "reference":
         return Reference.from_checkpoint(CONFORMANCE / name)
-    return Runtime(bundle(CONFORMANCE / name, cache="static" if kind == "onnx-static" else "dynamic"))
+    return Runtime(bundle(CONFORMANCE / name, cache=KIND_CACHES[kind]))
 
 
-@pytest.fixture(params=["reference", "onnx", "onnx-static"])
+KIND_CACHES = {"onnx": "dynamic", "onnx-static": "static", "onnx-gqa": "gqa"}
+
+
+@pytest.fixture(params=["reference", *KIND_CACHES])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(params=["dynamic", "static"])
+@pytest.fixture(params=list(CACHE_NAMES))
 def cache(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -50,17 +54,26 @@ def test_prefill_and_greedy_decode_match_official(kind: str, name: str, bundle) 
 
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
 def test_chunked_prefill_matches_official(kind: str, name: str, bundle) -> None:
-    """Sequence > 1 with past > 0: the prompt in two chunks gives the one-shot logits."""
+    """Sequence > 1 with past > 0: the prompt in two chunks gives the one-shot logits (contract
+    v3 takes such chunks one sequence at a time and refuses a batch of them, clearly)."""
     ref = official(name)
     stepper = engine(kind, name, bundle)
     split = 5
-    mask = ref["attention_mask"]
-    first, state = stepper.prefill(ref["input_ids"][:, :split], mask[:, :split])
-    second, state = stepper.extend(ref["input_ids"][:, split:], state)
+    ids, mask = ref["input_ids"], ref["attention_mask"]
     assert (mask[:, split:] == 1).all(), "the second chunk must hold real tokens only"
-    both = np.concatenate([first, second], axis=1)
+    rows = [slice(None)] if stepper.batched_chunks else [slice(b, b + 1) for b in range(len(ids))]
+    if not stepper.batched_chunks:
+        _, state = stepper.prefill(ids[:, :split], mask[:, :split])
+        with pytest.raises(UsageError, match="one sequence at a time"):
+            stepper.extend(ids[:, split:], state)
+    parts = []
+    for row in rows:
+        first, state = stepper.prefill(ids[row, :split], mask[row, :split])
+        second, state = stepper.extend(ids[row, split:], state)
+        parts.append(np.concatenate([first, second], axis=1))
+        assert state.past_length == mask.shape[1]
+    both = np.concatenate(parts, axis=0)
     assert np.abs(both - ref["prefill_logits"])[mask.astype(bool)].max() < TOL
-    assert state.past_length == mask.shape[1]
 
 
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
@@ -101,7 +114,7 @@ def test_onnx_outputs_follow_contract_v1(name: str, bundle) -> None:
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
 def test_graph_inputs_and_outputs_are_declared_as_the_contract_says(name: str, cache: str, bundle) -> None:
     runtime = Runtime(bundle(CONFORMANCE / name, cache=cache))
-    assert runtime.contract.version == {"dynamic": 1, "static": 2}[cache]
+    assert runtime.contract.version == CACHE_NAMES[cache]
     declared = runtime.session.get_inputs(), runtime.session.get_outputs()
     specs = runtime.contract.input_spec(), runtime.contract.output_spec()
     for values, spec in zip(declared, specs, strict=True):

@@ -40,10 +40,11 @@ def genai_bundles(tmp_path_factory) -> dict:
     return made
 
 
+@pytest.mark.parametrize("cache", ["static", "gqa"])
 @pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
-def test_genai_drives_contract_v2_with_a_shared_buffer(name: str, tmp_path) -> None:
+def test_genai_drives_in_place_contracts_with_a_shared_buffer(name: str, cache: str, tmp_path) -> None:
     out = tmp_path / name
-    assert main(["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", "static",
+    assert main(["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", cache,
                  "--max-length", "32"]) == 0  # fmt: skip
     config = json.loads((out / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
@@ -93,18 +94,25 @@ ENGINE_CASES = [
     ("dynamic", ("--share-buffer",)),
     ("dynamic", ("--no-share-buffer", "--stagger")),
     ("dynamic", ("--share-buffer", "--stagger")),
-    ("static", ()),  # contract v2: genai_config.json shares the buffer
+    ("static", ()),  # contracts v2 and v3: genai_config.json shares the buffer
     ("static", ("--stagger",)),
+    ("gqa", ()),
+    ("gqa", ("--stagger",)),
 ]
 
 
 @pytest.fixture(scope="module")
 def static_genai_bundles(tmp_path_factory) -> dict:
+    """--genai bundles of the in-place contracts, by (cache, checkpoint name)."""
     root = tmp_path_factory.mktemp("genai-static")
-    for name in ("p1_plain_mqa", "p4_mha_tied_nosmooth"):
-        args = ["convert", str(CONFORMANCE / name), "-o", str(root / name), "--genai", "--cache", "static"]
-        assert main([*args, "--max-length", "64"]) == 0
-    return {name: root / name for name in ("p1_plain_mqa", "p4_mha_tied_nosmooth")}
+    made = {}
+    for cache in ("static", "gqa"):
+        for name in ("p1_plain_mqa", "p4_mha_tied_nosmooth"):
+            out = root / f"{cache}-{name}"
+            args = ["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", cache]
+            assert main([*args, "--max-length", "64"]) == 0
+            made[cache, name] = out
+    return made
 
 
 @pytest.mark.parametrize(("cache", "flags"), ENGINE_CASES)
@@ -114,12 +122,12 @@ def test_genai_engine_batches_requests_exactly(
 ) -> None:
     """genai's Engine pads a batch of mixed prompt lengths on the right, leaves garbage in a
     cache row's padded columns and keeps finished rows: each request must still get exactly
-    the tokens it gets alone, from contract v1 and v2 bundles alike."""
+    the tokens it gets alone, from bundles of every contract alike."""
     rng = np.random.default_rng(0)
     vocab = official(name)["prefill_logits"].shape[-1]
     prompts = [rng.integers(1, vocab, size=n).tolist() for n in (5, 9, 13, 7)]
-    bundles = genai_bundles if cache == "dynamic" else static_genai_bundles
-    result = genai_engine(bundles[name], prompts, [10, 4, 10, 6], *flags)
+    bundle = genai_bundles[name] if cache == "dynamic" else static_genai_bundles[cache, name]
+    result = genai_engine(bundle, prompts, [10, 4, 10, 6], *flags)
     assert [len(t) for t in result["engine"]] == [10, 4, 10, 6]
     assert result["engine"] == result["alone"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 from conftest import ROOT, TINY, TRAINED
 
 from parscale_export.runtime import Runtime
@@ -35,10 +36,11 @@ def test_readme_library_example_runs(bundle) -> None:
     assert all(len(t) == 16 or t[-1] in eos for t in namespace["tokens"]), namespace["tokens"]
 
 
-def test_readme_static_cache_example_generates_what_the_runtime_generates(bundle) -> None:
+@pytest.mark.parametrize("cache", ["static", "gqa"])  # contract v3 is driven exactly as v2
+def test_readme_static_cache_example_generates_what_the_runtime_generates(cache: str, bundle) -> None:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     (code,) = [b for b in blocks if 'bundle = "build/demo-bundle-static"' in b]
-    path = bundle(TINY, cache="static")
+    path = bundle(TINY, cache=cache)
     namespace: dict = {}
     exec(code.replace('bundle = "build/demo-bundle-static"', f"bundle = {str(path)!r}"), namespace)
     ids = np.array([[72, 101, 108, 108, 111], [0, 0, 72, 105, 33]])

@@ -1,5 +1,6 @@
 """Contract v2: fixed buffers written in place. Who writes which slot, that past and present are
-one buffer, sizing, decoding up to capacity and the clear error past it, and equality with v1."""
+one buffer, sizing, decoding up to capacity and the clear error past it, and equality with v1
+(the last three for contract v3 too, whose own slots are tested in test_gqa_cache.py)."""
 
 from __future__ import annotations
 
@@ -27,32 +28,44 @@ def static(bundle) -> Runtime:
     return Runtime(bundle(TINY, cache="static"))
 
 
+@pytest.fixture(scope="module", params=["static", "gqa"])
+def in_place(request, bundle) -> Runtime:
+    """A bundle of each in-place contract (v2, v3): they share these behaviours."""
+    return Runtime(bundle(TINY, cache=request.param))
+
+
 @pytest.fixture(scope="module")
 def dynamic(bundle) -> Runtime:
     return Runtime(bundle(TINY))
 
 
+@pytest.mark.parametrize("cache", ["static", "gqa"])
 @pytest.mark.parametrize("checkpoint", [TINY, CONFORMANCE / "p2_gqa_bf16_sharded"], ids=lambda p: p.name)
-def test_slots_hold_the_tokens_then_the_prefix(checkpoint, bundle) -> None:
-    """After a call over `total` tokens: slots [0, total) equal contract v1's cache (the same
-    rows b*P+p seen as heads p*KV..), [total, total+T) the checkpoint's prefix, the rest untouched."""
-    v1, v2 = Runtime(bundle(checkpoint)), Runtime(bundle(checkpoint, cache="static"))
+def test_slots_hold_the_tokens_and_the_prefix(checkpoint, cache: str, bundle) -> None:
+    """After a first call over `total` tokens the tokens' slots equal contract v1's cache (the same
+    rows b*P+p seen as heads p*KV..) and the prefix slots the checkpoint's prefix: tokens in
+    [0, total) then the prefix (v2), or the prefix in [0, T) then the tokens (v3). Slots after
+    both are untouched."""
+    v1, fixed = Runtime(bundle(checkpoint)), Runtime(bundle(checkpoint, cache=cache))
     config = load_config(checkpoint)
     n, kv, d, t = config.parscale_n, config.num_kv_heads, config.head_dim, config.parscale_n_tokens
     weights = load_weights(checkpoint, config)
     ids = np.array([[5, 17, 42, 8, 99], [7, 3, 150, 21, 64]])
     mask = np.ones_like(ids)
     _, old = v1.prefill(ids, mask)
-    _, new = v2.prefill(ids, mask, reserve=3)
+    _, new = fixed.prefill(ids, mask, reserve=3)
+    tokens_at, prefix_at = (0, 5) if cache == "static" else (t, 0)
     for layer in range(config.num_layers):
         for which, kind in enumerate(("key", "value")):
             buffer = new.past[2 * layer + which].numpy()  # [B, P*KV, capacity, D]
             assert buffer.shape == (2, n * kv, t + 5 + 3, d)
             rows = old.past[2 * layer + which]  # [B*P, KV, 5, D]
-            np.testing.assert_allclose(buffer[:, :, :5], rows.reshape(2, n * kv, 5, d), atol=1e-5)
+            tokens = buffer[:, :, tokens_at : tokens_at + 5]
+            np.testing.assert_allclose(tokens, rows.reshape(2, n * kv, 5, d), atol=1e-5)
             prefix = weights[f"model.layers.{layer}.self_attn.prefix_{kind[0]}"].reshape(n * kv, t, d).numpy()
-            np.testing.assert_array_equal(buffer[:, :, 5 : 5 + t], np.broadcast_to(prefix, (2, n * kv, t, d)))
-            assert not buffer[:, :, 5 + t :].any(), "slots past the prefix are never written"
+            stored = buffer[:, :, prefix_at : prefix_at + t]
+            np.testing.assert_array_equal(stored, np.broadcast_to(prefix, (2, n * kv, t, d)))
+            assert not buffer[:, :, 5 + t :].any(), "slots past the tokens and the prefix are never written"
 
 
 def test_past_and_present_are_one_buffer(static: Runtime) -> None:
@@ -64,35 +77,35 @@ def test_past_and_present_are_one_buffer(static: Runtime) -> None:
     assert not np.array_equal(after.past[0].numpy()[:, :, 3], before[:, :, 3]), "slot 3 was written in place"
 
 
-def test_left_padded_batch_equals_one_by_one_and_contract_v1(static: Runtime, dynamic: Runtime) -> None:
-    batched = generate(static, PROMPTS, max_new_tokens=10)
-    assert batched == [generate(static, [p], max_new_tokens=10)[0] for p in PROMPTS]
+def test_left_padded_batch_equals_one_by_one_and_contract_v1(in_place: Runtime, dynamic: Runtime) -> None:
+    batched = generate(in_place, PROMPTS, max_new_tokens=10)
+    assert batched == [generate(in_place, [p], max_new_tokens=10)[0] for p in PROMPTS]
     assert batched == generate(dynamic, PROMPTS, max_new_tokens=10)
 
 
-def test_a_buffer_sized_to_the_request_equals_the_full_one(static: Runtime) -> None:
+def test_a_buffer_sized_to_the_request_equals_the_full_one(in_place: Runtime) -> None:
     ids, mask = np.array([[4, 8, 15, 16, 23, 42]]), np.ones((1, 6), np.int64)
-    small, _ = static.prefill(ids, mask, reserve=0)
-    full, state = static.prefill(ids, mask)
+    small, _ = in_place.prefill(ids, mask, reserve=0)
+    full, state = in_place.prefill(ids, mask)
     assert state.past[0].shape()[2] == 8 + STATIC_MAX_LENGTH  # T prefix slots + max_length tokens
     np.testing.assert_allclose(small, full, atol=1e-5)
 
 
-def test_decodes_to_capacity_then_refuses(static: Runtime, dynamic: Runtime) -> None:
+def test_decodes_to_capacity_then_refuses(in_place: Runtime, dynamic: Runtime) -> None:
     ids = np.array([[3, 1, 4, 1, 5]])
     mask = np.ones_like(ids)
-    logits, state = static.prefill(ids, mask)  # room for max_length tokens
+    logits, state = in_place.prefill(ids, mask)  # room for max_length tokens
     want, ref = dynamic.prefill(ids, mask)
     while state.past_length < STATIC_MAX_LENGTH:
         token = want[:, -1].argmax(-1)[:, None]
-        logits, state = static.extend(token, state)
+        logits, state = in_place.extend(token, state)
         want, ref = dynamic.extend(token, ref)
         np.testing.assert_allclose(logits, want, atol=1e-4)
     assert state.past_length == STATIC_MAX_LENGTH
     with pytest.raises(CapacityError, match="the cache is full"):
-        static.extend(np.array([[7]]), state)
+        in_place.extend(np.array([[7]]), state)
     with pytest.raises(CapacityError, match="max_length 40"):
-        static.prefill(ids, mask, reserve=STATIC_MAX_LENGTH)
+        in_place.prefill(ids, mask, reserve=STATIC_MAX_LENGTH)
 
 
 def test_cli_generate_past_capacity_exits_2(bundle, capsys) -> None:

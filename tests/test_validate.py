@@ -33,7 +33,7 @@ def test_correct_bundle_passes_on_cpu_and_says_so(bundle, tmp_path, capsys) -> N
     assert data["versions"]["torch"] and data["device"] and data["thresholds"]["max_abs"] == 1e-3
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "gqa"])
 def test_p1_and_sharded_bf16_bundles_pass(cache: str, bundle) -> None:
     for name in ("p1_plain_mqa", "p2_gqa_bf16_sharded"):
         assert main(["validate", str(bundle(CONFORMANCE / name, cache=cache)), "--provider", "cpu"]) == 0
@@ -62,7 +62,9 @@ def swap_streams(t) -> None:
             t[name] = tensor[[1, 0, 2, 3]].contiguous()
 
 
-@pytest.mark.parametrize(("dtype", "cache"), [("fp32", "dynamic"), ("fp16", "dynamic"), ("fp32", "static")])
+@pytest.mark.parametrize(
+    ("dtype", "cache"), [("fp32", "dynamic"), ("fp16", "dynamic"), ("fp32", "static"), ("fp32", "gqa")]
+)
 @pytest.mark.parametrize("change", [scale_one_prefix, move_one_aggregation_bias, swap_streams])
 def test_drifted_weights_fail_with_exit_1(change, dtype: str, cache: str, bundle, tmp_path, capsys) -> None:
     drifted = drifted_copy(tmp_path, change.__name__, change)

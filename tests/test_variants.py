@@ -66,9 +66,10 @@ def left_padded_batch(vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
-# Contract v2 on the shapes that stress its prefix slots: odd P, P = 1 (no prefix), T = 48 with MQA.
-STATIC = [("p3-odd-gqa-linear-rope", "static"), ("qwen2-explicit-head-dim", "static"),
-          ("p8-t48-mqa-tied-bf16-sharded", "static")]  # fmt: skip
+# Contracts v2 and v3 on the shapes that stress their prefix slots: odd P, P = 1 (no prefix), T = 48
+# with MQA.
+PREFIX_SHAPES = ("p3-odd-gqa-linear-rope", "qwen2-explicit-head-dim", "p8-t48-mqa-tied-bf16-sharded")
+STATIC = [(name, cache) for cache in ("static", "gqa") for name in PREFIX_SHAPES]
 
 
 @pytest.mark.parametrize(("name", "cache"), [(name, "dynamic") for name in VARIANTS] + STATIC)

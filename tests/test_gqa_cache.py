@@ -1,0 +1,59 @@
+"""Contract v3: GroupQueryAttention over fixed buffers shared by past and present. The prefix in
+slots [0, T) written by the first call, tokens after it, a batch's chunks refused before ONNX
+Runtime fails on them (sizing, capacity and equality with v1: test_static_cache.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from parscale_export.config import load_config
+from parscale_export.errors import UsageError
+from parscale_export.export import ExportOptions, contract_for
+from parscale_export.genai import genai_config
+from parscale_export.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def gqa(bundle) -> Runtime:
+    return Runtime(bundle(TINY, cache="gqa"))
+
+
+@pytest.fixture(scope="module")
+def dynamic(bundle) -> Runtime:
+    return Runtime(bundle(TINY))
+
+
+def test_later_calls_leave_the_prefix_alone(gqa: Runtime) -> None:
+    _, state = gqa.prefill(np.array([[1, 2, 3]]), np.ones((1, 3), np.int64), reserve=4)
+    t = gqa.contract.prefix_slots
+    pointers = [value.data_ptr() for value in state.past]
+    before = state.past[0].numpy().copy()  # on CPU, numpy() may be a view of the buffer
+    _, after = gqa.extend(np.array([[9]]), state)
+    assert [value.data_ptr() for value in after.past] == pointers, "past and present are one buffer"
+    now = after.past[0].numpy()
+    np.testing.assert_array_equal(now[:, :, : t + 3], before[:, :, : t + 3])
+    assert not np.array_equal(now[:, :, t + 3], before[:, :, t + 3]), "the new token's slot was written in place"
+
+
+def test_a_batch_of_chunks_is_refused_one_sequence_runs(gqa: Runtime, dynamic: Runtime) -> None:
+    """ONNX Runtime's GroupQueryAttention takes several new tokens over a past only for batch 1:
+    the runtime says so before the session fails; the same chunk for one sequence is exact."""
+    ids, mask = np.array([[5, 6, 7, 8], [9, 10, 11, 12]]), np.ones((2, 4), np.int64)
+    _, state = gqa.prefill(ids[:, :2], mask[:, :2])
+    with pytest.raises(UsageError, match="one sequence at a time"):
+        gqa.extend(ids[:, 2:], state)
+    _, one = gqa.prefill(ids[:1, :2], mask[:1, :2])
+    got, _ = gqa.extend(ids[:1, 2:], one)
+    want, _ = dynamic.prefill(ids[:1], mask[:1])
+    np.testing.assert_allclose(got, want[:, 2:], atol=1e-4)
+
+
+def test_genai_config_shares_the_buffer_without_the_v2_warning() -> None:
+    """genai binds v3's buffers as it does v2's; only v2's attention pays for the whole buffer."""
+    config = load_config(TINY)
+    contract = contract_for(config, ExportOptions(genai=True, cache="gqa", max_length=32))
+    settings, notes = genai_config(config, contract, {"eos_token_id": [1], "pad_token_id": [], "bos_token_id": []})
+    assert settings["search"]["past_present_share_buffer"] and settings["search"]["max_length"] == 32 + 8
+    assert not any("reads all of it" in note for note in notes)
