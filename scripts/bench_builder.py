@@ -3,8 +3,8 @@
 Writes a plain Qwen2 checkpoint shaped like the mid-size model (vocab 32000, hidden 512,
 intermediate 1408, 8 layers, 8/2 heads) and a P=4 ParScale checkpoint on the same backbone
 (48 prefix tokens); builds the builder's fp32 and int4 CPU graphs of the plain one; converts
-both with `parscale-export convert --genai`, fp32 and int4, in contract v1 (default cache) and
-v2 (`--cache static`); then times every bundle in one process with scripts/genai_bench.py
+both with `parscale-export convert --genai`, fp32 and int4, in contracts v1 (default cache), v2
+(`--cache static`) and v3 (`--cache gqa`); then times every bundle in one process with scripts/genai_bench.py
 (interleaved rounds, batch 1, greedy) and prints ms/step, tok/s, the spread over rounds and the
 ratios issue 10 accepts on. The builder cannot build ParScale, so P=4 is compared with its P=1.
 Our genai_config.json sets ONNX Runtime's thread default (genai.THREADS), which the builder's
@@ -43,6 +43,7 @@ SHAPE = dict(
     num_key_value_heads=2, parscale_n_tokens=48, max_position_embeddings=4096,
 )  # fmt: skip
 QUANT = {"fp32": [], "int4": ["--quantize", "int4"]}
+CONTRACTS = {"v1": [], "v2": ["--cache", "static"], "v3": ["--cache", "gqa"]}
 
 
 def machine() -> str:
@@ -85,7 +86,8 @@ def build(args: argparse.Namespace) -> dict[str, Path]:
                                          "-c", str(work / "builder-cache")]  # fmt: skip
     for n in (1, 4):
         for dtype, quant in QUANT.items():
-            for contract, cache in (("v1", []), ("v2", ["--cache", "static", "--max-length", str(args.max_length)])):
+            for contract, cache in CONTRACTS.items():
+                cache = cache + (["--max-length", str(args.max_length)] if cache else [])
                 out = work / f"ours-p{n}-{dtype}-{contract}"
                 steps[f"ours P={n} {dtype} {contract}"] = [*convert, str(ckpt[n]), "-o", str(out), "--genai",
                                                            *quant, *cache, "--force"]  # fmt: skip
@@ -165,7 +167,7 @@ def report(bundles: dict[str, Path], result: dict) -> None:
 
     print("\ngreedy tokens (same weights, same prompt):")
     pairs = [(f"ours P=1 {d} {v}", f"builder P=1 {d}") for d in QUANT for v in ("v1", "v2")]
-    pairs += [(f"ours P={n} {d} v2", f"ours P={n} {d} v1") for n in (1, 4) for d in QUANT]
+    pairs += [(f"ours P={n} {d} {v}", f"ours P={n} {d} v1") for n in (1, 4) for d in QUANT for v in ("v2", "v3")]
     for ours, theirs in pairs:
         if ours in bundles and theirs in bundles:
             print(f"  {ours:18s} vs {theirs:18s} {agreement(ours, theirs)}")
@@ -173,7 +175,7 @@ def report(bundles: dict[str, Path], result: dict) -> None:
     print("\nspeed ratios (ours / builder's tok/s; best of rounds, [range of per-round ratios]):")
     long = max(by_context)
     p4_targets = {"fp32": 0.6, "int4": 0.5}  # issue 10's acceptance; P=1 must reach 1.0x
-    contracts = ("v1", "v2")
+    contracts = tuple(CONTRACTS)
     checks = []
     for builder in ("", " +threads"):  # as shipped; then the builder's graph with our session options
         checks += [(f"ours P=1 {d} {v}", f"builder P=1 {d}{builder}", c, 1.0)
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, action="append", help="prompt tokens; repeat (default 64 and 960)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=1100, help="capacity of the contract-v2 bundles")
+    parser.add_argument("--max-length", type=int, default=1100, help="capacity of the contract-v2 and v3 bundles")
     args = parser.parse_args()
     args.context = args.context or [64, 960]
     print("machine:", machine(), flush=True)
