@@ -166,7 +166,7 @@ def report(bundles: dict[str, Path], result: dict) -> None:
         return ", ".join(cells)
 
     print("\ngreedy tokens (same weights, same prompt):")
-    pairs = [(f"ours P=1 {d} {v}", f"builder P=1 {d}") for d in QUANT for v in ("v1", "v2")]
+    pairs = [(f"ours P=1 {d} {v}", f"builder P=1 {d}") for d in QUANT for v in CONTRACTS]
     pairs += [(f"ours P={n} {d} {v}", f"ours P={n} {d} v1") for n in (1, 4) for d in QUANT for v in ("v2", "v3")]
     for ours, theirs in pairs:
         if ours in bundles and theirs in bundles:

@@ -7,7 +7,7 @@
 #      (onnxruntime's preload_dlls looks only beside its own folder) and stops, loudly and with
 #      the loader's reason, when CUDA was asked for but cannot start;
 #   3. converts the tiny fixture (fp32, fp16, bf16) and a mid-size checkpoint (P=1, 4, 8, fp16;
-#      P=4 and the tiny one also with the in-place cache, contract v2),
+#      P=4 and the tiny one also with the in-place caches, contracts v2 and v3),
 #      validates each on the provider (reports in $OUT), checks a fp16 family bundle (every P,
 #      and shared weights against each P alone), and times decoding for P=1/4/8.
 # The GPU machine's Python has torch (CUDA 13), onnx, onnxscript, typer, safetensors, numpy and
@@ -75,7 +75,9 @@ for spec in "fixtures/tiny-parscale fp32 tiny-fp32" "fixtures/tiny-parscale fp16
             "fixtures/tiny-parscale bf16 tiny-bf16" "$WORK/mid-p1 fp16 mid-p1-fp16" \
             "$WORK/mid-p4 fp16 mid-p4-fp16" "$WORK/mid-p8 fp16 mid-p8-fp16" \
             "fixtures/tiny-parscale fp16 tiny-fp16-static --cache static --max-length 64" \
-            "$WORK/mid-p4 fp16 mid-p4-fp16-static --cache static --max-length 2560"; do
+            "$WORK/mid-p4 fp16 mid-p4-fp16-static --cache static --max-length 2560" \
+            "fixtures/tiny-parscale fp16 tiny-fp16-gqa --cache gqa --max-length 64" \
+            "$WORK/mid-p4 fp16 mid-p4-fp16-gqa --cache gqa --max-length 2560"; do
     set -- $spec
     echo "== convert $1 ($2 ${*:4})"
     cli convert "$1" -o "$WORK/$3" --dtype "$2" "${@:4}" --force > /dev/null
@@ -116,8 +118,9 @@ PY
 echo "== decode speed on $PROVIDER (fp16, ONNX Runtime; IO binding keeps the cache on the device)"
 cli bench "$WORK/mid-p1-fp16" "$WORK/mid-p4-fp16" "$WORK/mid-p8-fp16" --batch 1 --batch 8 \
     --provider "$PROVIDER" --no-reference || status=1
-echo "== step time vs context on $PROVIDER, contract v1 vs v2 (fp16, P=4)"
-cli bench "$WORK/mid-p4-fp16" "$WORK/mid-p4-fp16-static" --batch 1 --prompt-length 64 --prompt-length 2048 \
+echo "== step time vs context on $PROVIDER, contracts v1, v2 and v3 (fp16, P=4)"
+cli bench "$WORK/mid-p4-fp16" "$WORK/mid-p4-fp16-static" "$WORK/mid-p4-fp16-gqa" --batch 1 --prompt-length 64 \
+    --prompt-length 2048 \
     --provider "$PROVIDER" --no-reference || status=1
 echo "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL) on $PROVIDER"
 exit $status
