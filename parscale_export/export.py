@@ -183,30 +183,30 @@ def _rotary_heads_last(x, cos, sin, heads: int):
 
 def _group_query_attention(q, k, v, buffer_k, buffer_v, prefix_k, prefix_v, last, first, bias, bias_shape, total):
     """model.group_query_attention in ONNX: GroupQueryAttention, past and present one buffer.
-    With a prefix (P > 1), every call concatenates its T rows in front of the new keys, values and
-    (zero) queries and then slices them off again unless this is the first call, so only the
-    first call writes them; the output drops the rows it added. ONNX shapes may depend on data,
-    which torch.export's may not: hence this is done here, not in the model."""
+    With a prefix (P > 1), a first call puts its T rows in front of the new keys, values and
+    (zero) queries, and the output drops the rows they add. Later calls take 0 rows of it, so
+    they copy no prefix. ONNX shapes may depend on data, torch.export's may not: hence this is
+    done here, not in the model."""
     op = opset23
     t, heads, kv_heads = prefix_k.shape[1], q.shape[2] // buffer_k.shape[3], buffer_k.shape[1]
     if t:
-        batch = op.Shape(q, start=0, end=1)
-        width = op.Shape(q, start=2, end=3)
-        skip = op.Mul(op.Constant(value_ints=[t]), op.Sub(op.Constant(value_ints=[1]), first))  # 0 first, T later
-        to_end, axis = op.Constant(value_ints=[1 << 62]), op.Constant(value_ints=[1])
-        rows = op.Concat(batch, op.Constant(value_ints=[t]), width, axis=0)
-        zeros = op.CastLike(op.ConstantOfShape(rows), q)
-        q = op.Slice(op.Concat(zeros, q, axis=1), skip, to_end, axis)
-        kv_rows = op.Concat(batch, op.Constant(value_ints=[t]), op.Shape(k, start=2, end=3), axis=0)
-        k = op.Slice(op.Concat(op.Expand(prefix_k, kv_rows), k, axis=1), skip, to_end, axis)
-        v = op.Slice(op.Concat(op.Expand(prefix_v, kv_rows), v, axis=1), skip, to_end, axis)
+        added = op.Mul(op.Constant(value_ints=[t]), first)  # [1]: T rows on a first call, 0 later
+        start, axis = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+        batch = op.Shape(bias, start=0, end=1)  # from inputs every layer shares: computed once
+
+        def rows(width: int):
+            return op.Concat(batch, added, op.Constant(value_ints=[width]), axis=0)
+
+        q = op.Concat(op.CastLike(op.ConstantOfShape(rows(q.shape[2])), q), q, axis=1)
+        prefix_rows = rows(prefix_k.shape[2])
+        k = op.Concat(op.Expand(op.Slice(prefix_k, start, added, axis), prefix_rows), k, axis=1)
+        v = op.Concat(op.Expand(op.Slice(prefix_v, start, added, axis), prefix_rows), v, axis=1)
     bias = op.Expand(bias, bias_shape)  # the same in every layer: ONNX Runtime computes it once
     out, present_k, present_v = GROUP_QUERY_ATTENTION(
         q, k, v, buffer_k, buffer_v, last, total, None, None, None, bias, num_heads=heads, kv_num_heads=kv_heads
     )
     if t:
-        keep = op.Sub(op.Constant(value_ints=[t]), skip)  # T on the first call, 0 later
-        out = op.Slice(out, keep, op.Constant(value_ints=[1 << 62]), op.Constant(value_ints=[1]))
+        out = op.Slice(out, added, op.Constant(value_ints=[1 << 62]), op.Constant(value_ints=[1]))
     return out, present_k, present_v
 
 
