@@ -222,9 +222,10 @@ class ExportOptions:
     first export. `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds
     genai_config.json, so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or
     "int4") turns the linear layers' weights into MatMulNBits blocks after export. `cache`
-    "static" writes contract v2 (fixed buffers of `max_length` tokens, written in place);
-    "dynamic" v1. `opset` (default: the contract's, 23 for v1, 24 for v2) below 23 writes
-    attention and normalisation from primitive ops, for older runtimes (contract v1 only)."""
+    "dynamic" writes contract v1; "static" v2 (fixed buffers of `max_length` tokens, written in
+    place); "gqa" v3 (the same buffers under ONNX Runtime's GroupQueryAttention). `opset`
+    (default: the contract's, 23 for v1 and v3, 24 for v2) below 23 writes attention and
+    normalisation from primitive ops, for older runtimes (contract v1 only)."""
 
     dtype: str = "fp32"
     genai: bool = False

@@ -11,15 +11,19 @@ Layout:
   attention that stays inside its own stream. No reshape of the hidden states copies anything.
 - In the cache, row `b*P + p` is stream p of sequence b: [P*B, KV, L, D] is also, for free,
   [B, P*KV, L, D], the same head layout.
-- Contract version 1 (`in_place=False`): the cache passed in and returned holds real tokens
+- Contract version 1 (`attention="append"`): the cache passed in and returned holds real tokens
   only, [P*B, KV, past, D] per layer, and grows by concatenation. The learned prefix (T slots
   per stream and layer, no RoPE, never masked) is a constant of the module, prepended to the
   keys and values inside attention.
-- Contract version 2 (`in_place=True`): the cache is one [B, P*KV, capacity, D] buffer per
+- Contract version 2 (`attention="scatter"`): the cache is one [B, P*KV, capacity, D] buffer per
   layer and kind. Each call writes its new keys (after RoPE) at slot `past` and the prefix
   right after them, then attends over the whole buffer; the bias hides unused slots. Attention
   is a weighted sum over keys, so where the prefix sits changes nothing: it only has to be
   un-rotated and always visible, as in the official model.
+- Contract version 3 (`attention="grouped_query"`): version 2's buffers, written and read by
+  ONNX Runtime's GroupQueryAttention (`group_query_attention`), which attends only over the
+  slots in use. The prefix sits in slots [0, T), written by a sequence's first call as extra
+  rows in front of its tokens; tokens follow from slot T.
 - `packed=True` (the onnxruntime-genai graphs) also accepts what genai's batching feeds:
   rows padded on the right, a cache whose columns after a row's length hold garbage, a
   present as long as the mask (or the past, when genai shares one buffer). Each row's new
