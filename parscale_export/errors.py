@@ -31,7 +31,7 @@ class BundleError(ParScaleExportError):
 
 
 class CapacityError(ParScaleExportError):
-    """A fixed-capacity cache (contract version 2) has no room for the tokens asked of it."""
+    """A fixed-capacity cache (contract version 2 or 3) has no room for the tokens asked of it."""
 
 
 class OutputError(ParScaleExportError):

@@ -152,7 +152,7 @@ class Runtime(Stepper):
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
         """One call of the graph. Contract v1 on CPU runs on numpy. Otherwise the cache lives in
         OrtValues (IO binding): on CUDA it stays on the device between calls, and an in-place
-        cache (contract v2) is bound as both past and present, so no call copies it. Only the
+        cache (contracts v2 and v3) is bound as both past and present, so no call copies it. Only the
         logits come back to the host."""
         self.contract.check_room(cache_slots(past[0]), attention_mask.shape[1])
         self.contract.check_call(*input_ids.shape, attention_mask.shape[1])

@@ -103,8 +103,10 @@ def test_what_cannot_be_served_fails_before_ray_starts(bundle, tmp_path: Path, c
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", str(bundle(TINY, "bf16")), "--in-session"]) == 2
     assert "bfloat16" in capsys.readouterr().err
-    assert main(["serve", str(bundle(TINY, cache="static")), "--in-session"]) == 2
-    assert "contract v1 only" in capsys.readouterr().err
+    for cache, version in (("static", 2), ("gqa", 3)):
+        assert main(["serve", str(bundle(TINY, cache=cache)), "--in-session"]) == 2
+        err = capsys.readouterr().err
+        assert "contract v1 only" in err and f"this bundle is contract v{version}" in err
     if not cuda_available():
         assert main(["serve", str(bundle(TINY)), "--provider", "cuda", "--in-session"]) == 2
         assert "CUDA requested" in capsys.readouterr().err
