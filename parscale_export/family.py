@@ -29,7 +29,7 @@ from .bundle import (
 from .checkpoint import expected_shapes, weight_files
 from .config import ModelConfig, load_config
 from .datafile import SharedStore
-from .errors import CheckpointError, ConfigError, OutputError, UsageError
+from .errors import CheckpointError, ConfigError, OutputError
 from .export import (
     DEFAULT_OPTIONS,
     ConvertResult,
@@ -138,12 +138,10 @@ def convert_family(
     log: Log = lambda _: None,
 ) -> ConvertResult:
     """Export each checkpoint, then store the weights the graphs share once. Nothing is written
-    until every check has passed; the bundle appears at `out_dir` only when complete. Members
-    use contract v1: a family of in-place (v2) graphs has not been built or tested yet."""
+    until every check has passed; the bundle appears at `out_dir` only when complete. Every
+    member is written with `options`, so with the same cache contract."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if options.cache != "dynamic":
-        raise UsageError("a family bundle is written with --cache dynamic (contract v1) for now")
     for checkpoint in checkpoints:
         _check_target(out_dir, Path(checkpoint), force)
     log(f"checking that {len(checkpoints)} checkpoints share one backbone")

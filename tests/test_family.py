@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFORMANCE, edit_weights, official
+from conftest import CONFORMANCE, STATIC_MAX_LENGTH, edit_weights, official
 from parscale_export.cli.main import main
 from safetensors.torch import load_file
 
 from parscale_export.bundle import DATA_FILE, MANIFEST_FILE, read_manifest
+from parscale_export.contract import CACHE_NAMES
 from parscale_export.errors import BundleError
 from parscale_export.export import ExportOptions, convert
 from parscale_export.family import convert_family
@@ -106,6 +107,20 @@ def test_all_p_loaded_together_share_one_backbone(family_bundle: Path) -> None:
         alone = Runtime(family_bundle, parallel=size)
         for a, b in zip(logits_over_steps(runtime), logits_over_steps(alone), strict=True):
             assert np.abs(a - b).max() <= SAME
+
+
+@pytest.mark.parametrize("cache", ["static", "gqa"])
+def test_in_place_family_equals_each_p_alone_and_validates(cache: str, family: list[Path], bundle, tmp_path) -> None:
+    """Contracts v2 and v3 make families too: every P, sharing the backbone, gives what its own
+    bundle of that contract gives, and validate passes each."""
+    out = tmp_path / f"family-{cache}"
+    convert_family(family, out, ExportOptions(cache=cache, max_length=STATIC_MAX_LENGTH))
+    for size, runtime in load_family(out).items():
+        assert runtime.contract.version == CACHE_NAMES[cache] and runtime.shared is not None
+        own = logits_over_steps(Runtime(bundle(family[SIZES.index(size)], cache=cache)))
+        for a, b in zip(logits_over_steps(runtime), own, strict=True):
+            assert np.abs(a - b).max() <= SAME
+    assert main(["validate", str(out), "--decode-steps", "2"]) == 0
 
 
 def test_family_is_at_most_1_25x_the_largest_single_bundle(family: list[Path], family_bundle: Path, bundle) -> None:
