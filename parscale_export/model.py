@@ -136,13 +136,17 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of x [..., D] by cos/sin [..., D/2], already broadcastable to x's halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 @torch.library.custom_op("parscale::rope", mutates_args=())
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE of `x` [B, N, S, D] by cos/sin [B, S, D/2]: one ONNX RotaryEmbedding
     node in the export (opset 23+) instead of the six ops this eager form traces to."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None], sin[:, None]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return _rotate(x, cos[:, None], sin[:, None])
 
 
 @rope.register_fake
@@ -169,10 +173,7 @@ def rope_heads_last(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
     """`rope` for x [B, S, heads*D] (the layout GroupQueryAttention takes): one ONNX
     RotaryEmbedding with num_heads in the export."""
     batch, seq, _ = x.shape
-    x4 = x.reshape(batch, seq, heads, -1)
-    x1, x2 = x4.chunk(2, dim=-1)
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(x.shape)
+    return _rotate(x.reshape(batch, seq, heads, -1), cos[:, :, None], sin[:, :, None]).reshape(x.shape)
 
 
 @rope_heads_last.register_fake
