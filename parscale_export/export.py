@@ -57,51 +57,41 @@ TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
 Log = Callable[[str], None]
 
 
-def _skip_norm_op() -> values.Op:
-    """ONNX Runtime's SkipSimplifiedLayerNormalization (com.microsoft), described for onnxscript,
-    which only knows the schemas of standard ONNX."""
-    param, fp = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
-    optional = fp.Optional
-    schema = onnx.defs.OpSchema(
-        "SkipSimplifiedLayerNormalization", "com.microsoft", 1,
-        inputs=[param("input", "T"), param("skip", "T"), param("gamma", "T")],
-        outputs=[param("output", "T"), param("mean", "U", param_option=optional),
-                 param("inv_std_var", "U", param_option=optional),
-                 param("input_skip_bias_sum", "T", param_option=optional)],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("U", ["tensor(float)"], "")],
-        attributes=[onnx.defs.OpSchema.Attribute("epsilon", onnx.defs.OpSchema.AttrType.FLOAT, "")],
-    )  # fmt: skip
-    return values.Op(values.Opset("com.microsoft", 1), schema.name, op_schema=schema)
+# ONNX Runtime's contrib ops, described for onnxscript, which only knows standard ONNX's schemas.
+CONTRIB = values.Opset("com.microsoft", 1)
+FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_PARAM, _OPTIONAL = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+_ATTRIBUTE, _ATTR = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
 
 
-SKIP_NORM = _skip_norm_op()
+def _contrib_op(name: str, inputs: list, outputs: list, types: list, attributes: list) -> values.Op:
+    schema = onnx.defs.OpSchema(name, CONTRIB.domain, CONTRIB.version, inputs=inputs, outputs=outputs,
+                                type_constraints=types, attributes=attributes)  # fmt: skip
+    return values.Op(CONTRIB, name, op_schema=schema)
 
 
-def _group_query_attention_op() -> values.Op:
-    """ONNX Runtime's GroupQueryAttention (com.microsoft), the inputs contract v3 uses, described
-    for onnxscript."""
-    param, optional = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
-    names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-             "cos_cache", "sin_cache", "position_ids", "attention_bias"]  # fmt: skip
-    types = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "I"}
-    required = {"query", "seqlens_k", "total_sequence_length"}
-    inputs = [param(n, types.get(n, "T")) if n in required else param(n, types.get(n, "T"), param_option=optional)
-              for n in names]  # fmt: skip
-    attribute = onnx.defs.OpSchema.Attribute
-    schema = onnx.defs.OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=inputs,
-        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
-        attributes=[attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
-                    attribute("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, "")],
-    )  # fmt: skip
-    return values.Op(values.Opset("com.microsoft", 1), schema.name, op_schema=schema)
+SKIP_NORM = _contrib_op(
+    "SkipSimplifiedLayerNormalization",
+    inputs=[_PARAM("input", "T"), _PARAM("skip", "T"), _PARAM("gamma", "T")],
+    outputs=[_PARAM("output", "T"), _PARAM("mean", "U", param_option=_OPTIONAL),
+             _PARAM("inv_std_var", "U", param_option=_OPTIONAL),
+             _PARAM("input_skip_bias_sum", "T", param_option=_OPTIONAL)],
+    types=[("T", FLOATS, ""), ("U", ["tensor(float)"], "")],
+    attributes=[_ATTRIBUTE("epsilon", _ATTR.FLOAT, "")],
+)  # fmt: skip
 
-
-GROUP_QUERY_ATTENTION = _group_query_attention_op()
+# GroupQueryAttention with the inputs contract v3 uses (the later optional ones stay unset).
+_GQA_INPUTS = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+               "cos_cache", "sin_cache", "position_ids", "attention_bias"]  # fmt: skip
+_GQA_TYPES = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "I"}
+GROUP_QUERY_ATTENTION = _contrib_op(
+    "GroupQueryAttention",
+    inputs=[_PARAM(n, _GQA_TYPES.get(n, "T")) if n in ("query", "seqlens_k", "total_sequence_length")
+            else _PARAM(n, _GQA_TYPES.get(n, "T"), param_option=_OPTIONAL) for n in _GQA_INPUTS],
+    outputs=[_PARAM("output", "T"), _PARAM("present_key", "T"), _PARAM("present_value", "T")],
+    types=[("T", FLOATS, ""), ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+    attributes=[_ATTRIBUTE("num_heads", _ATTR.INT, ""), _ATTRIBUTE("kv_num_heads", _ATTR.INT, "")],
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
