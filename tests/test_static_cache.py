@@ -23,11 +23,6 @@ from parscale_export.runtime import Runtime
 PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [7, 200], [33, 34, 35, 36]]
 
 
-@pytest.fixture(scope="module")
-def static(bundle) -> Runtime:
-    return Runtime(bundle(TINY, cache="static"))
-
-
 @pytest.fixture(scope="module", params=["static", "gqa"])
 def in_place(request, bundle) -> Runtime:
     """A bundle of each in-place contract (v2, v3): they share these behaviours."""
@@ -68,13 +63,18 @@ def test_slots_hold_the_tokens_and_the_prefix(checkpoint, cache: str, bundle) ->
             assert not buffer[:, :, 5 + t :].any(), "slots past the tokens and the prefix are never written"
 
 
-def test_past_and_present_are_one_buffer(static: Runtime) -> None:
-    _, state = static.prefill(np.array([[1, 2, 3]]), np.ones((1, 3), np.int64), reserve=4)
+def test_past_and_present_are_one_buffer(in_place: Runtime) -> None:
+    """A decode step writes its token's slot in place and leaves the earlier slots alone: the
+    tokens (v2), and the prefix before them (v3: tokens start after its T slots)."""
+    _, state = in_place.prefill(np.array([[1, 2, 3]]), np.ones((1, 3), np.int64), reserve=4)
+    tokens_at = in_place.contract.prefix_slots if in_place.contract.version == 3 else 0
     pointers = [value.data_ptr() for value in state.past]
     before = state.past[0].numpy().copy()  # on CPU, numpy() may be a view of the buffer
-    _, after = static.extend(np.array([[9]]), state)
+    _, after = in_place.extend(np.array([[9]]), state)
     assert [value.data_ptr() for value in after.past] == pointers
-    assert not np.array_equal(after.past[0].numpy()[:, :, 3], before[:, :, 3]), "slot 3 was written in place"
+    now, new = after.past[0].numpy(), tokens_at + 3
+    np.testing.assert_array_equal(now[:, :, :new], before[:, :, :new])
+    assert not np.array_equal(now[:, :, new], before[:, :, new]), "the new token's slot was written in place"
 
 
 def test_left_padded_batch_equals_one_by_one_and_contract_v1(in_place: Runtime, dynamic: Runtime) -> None:
