@@ -35,7 +35,7 @@ from . import __version__
 from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
 from .checkpoint import load_weights, weights_digest
 from .config import ModelConfig, load_config, special_tokens
-from .contract import BATCH, CACHE_KINDS, CACHE_NAMES, SEQUENCE, TOTAL, Contract
+from .contract import BATCH, CACHE_KINDS, CACHE_NAMES, SEQUENCE, TOTAL, CacheKind, Contract
 from .environment import package_versions
 from .errors import BundleError, OutputError, UsageError
 from .genai import GENAI_CONFIG, genai_config
@@ -236,7 +236,7 @@ class ExportOptions:
                 f"--dtype bf16 goes with neither --quantize, --genai nor --cache {self.cache} yet: none of them has "
                 "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
             )
-        kind = CACHE_KINDS[CACHE_NAMES[self.cache]]
+        kind = self.kind
         fixed = [name for name, version in CACHE_NAMES.items() if CACHE_KINDS[version].in_place]
         if kind.in_place and self.max_length is None:
             raise OutputError(f"--cache {self.cache} needs --max-length (its buffers' size)")
@@ -250,9 +250,14 @@ class ExportOptions:
             raise OutputError(f"--opset {self.opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
 
     @property
+    def kind(self) -> CacheKind:
+        """The cache contract `cache` names."""
+        return CACHE_KINDS[CACHE_NAMES[self.cache]]
+
+    @property
     def graph_opset(self) -> int:
         """The opset written: the one asked for, else the contract's."""
-        return CACHE_KINDS[CACHE_NAMES[self.cache]].opset if self.opset is None else self.opset
+        return self.kind.opset if self.opset is None else self.opset
 
 
 DEFAULT_OPTIONS = ExportOptions()
@@ -262,9 +267,9 @@ def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
     """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2, "gqa"
     version 3 (both need `max_length`, the most tokens a sequence may hold, and always use the
     heads layout)."""
-    static = CACHE_KINDS[CACHE_NAMES[options.cache]].in_place
+    in_place = options.kind.in_place
     return Contract(
-        cache_layout="heads" if options.genai or static else "rows",
+        cache_layout="heads" if options.genai or in_place else "rows",
         num_layers=config.num_layers,
         parscale_n=config.parscale_n,
         num_kv_heads=config.num_kv_heads,
@@ -272,8 +277,8 @@ def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
         vocab_size=config.vocab_size,
         dtype=CACHE_DTYPES[options.dtype],
         version=CACHE_NAMES[options.cache],
-        prefix_slots=config.parscale_n_tokens if static else 0,
-        max_length=options.max_length if static else None,
+        prefix_slots=config.parscale_n_tokens if in_place else 0,
+        max_length=options.max_length,  # None unless in place: ExportOptions checks it
     )
 
 
