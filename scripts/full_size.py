@@ -1,10 +1,13 @@
 """Make a random checkpoint shaped like the released ParScale 1.8B P=8 model and convert it,
 printing wall time and peak memory; optionally time decoding of the bundle at given contexts.
 
-Decode is timed after a synthetic context: the cache is a zero past of `--context` tokens (v1)
-or a buffer whose first `--context` slots count as written (v2), not the result of a prefill.
-A step's cost does not depend on the cache's values, and a real 2048-token prefill of 8
-streams through 1.8B parameters would take over ten minutes on 2 cores.
+Decode is timed after a synthetic context: the cache is a past of `--context` tokens (v1) or a
+buffer whose first `--context` slots count as written (v2, v3), filled with a constant, not the
+result of a prefill (a real 2048-token prefill of 8 streams through 1.8B parameters would take
+over ten minutes on 2 cores). Filled, not zeroed: numpy's zeros are pages the kernel has not
+mapped yet, every one of them the same shared zero page, and reading them costs almost nothing
+(the mid-size P=4 int4 v2 step at context 960 took 1.9 ms over such a buffer, 2.75 ms over a
+written one); the values themselves do not change a step's cost.
 
 Not part of CI (minutes, ~4 GB of checkpoint and up to 8 GB of bundle per dtype). Example:
   .venv/bin/python scripts/full_size.py --dtype fp32 --decode --context 32 --context 2048
@@ -39,10 +42,13 @@ def decode_speed(bundle: Path, context: int, steps: int) -> float:
 
     runtime = Runtime(bundle, "cpu", threads=2)
     contract = runtime.contract
-    if contract.cache.in_place:
-        past = runtime.empty_past(1, context + steps + 1)
-    else:
-        past = [np.zeros(contract.cache_shape(1, context), dtype=contract.np_dtype) for _ in contract.past_names()]
+    past = (
+        contract.empty_past(1, context + steps + 1)
+        if contract.cache.in_place
+        else [np.empty(contract.cache_shape(1, context), dtype=contract.np_dtype) for _ in contract.past_names()]
+    )
+    for tensor in past:
+        tensor.fill(0.01)  # writes every page (see the module docstring)
     token = np.zeros((1, 1), dtype=np.int64)
     _, past = runtime.run(token, np.ones((1, context + 1), dtype=np.int64), past)  # warm-up
     start = time.perf_counter()
@@ -56,7 +62,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/full-size"))
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--quantize", choices=["int8", "int4"])
-    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="contract v1 or v2")
+    parser.add_argument("--cache", choices=["dynamic", "static", "gqa"], default="dynamic", help="contract v1, v2, v3")
     parser.add_argument("--decode", action="store_true", help="also time batch-1 decode on 2 threads")
     parser.add_argument("--context", type=int, action="append", help="tokens in the cache when timing (default 32)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed at each context")
@@ -68,14 +74,14 @@ def main() -> None:
         write_checkpoint(checkpoint, parscale_config(**SHAPE), seed=0)
         print(f"made {checkpoint} in {time.perf_counter() - start:.0f}s", flush=True)
     name = f"bundle-{args.dtype}" + (f"-{args.quantize}" if args.quantize else "")
-    name += "-v2" if args.cache == "static" else ""
+    name += {"dynamic": "", "static": "-v2", "gqa": "-v3"}[args.cache]
     bundle = args.work / name
     command = [sys.executable, "-c", "from parscale_export.cli.main import run; run()", "convert", str(checkpoint),
                "-o", str(bundle), "--dtype", args.dtype, "--force"]  # fmt: skip
     if args.quantize:
         command += ["--quantize", args.quantize]
-    if args.cache == "static":
-        command += ["--cache", "static", "--max-length", str(max(args.context) + args.steps + 1)]
+    if args.cache != "dynamic":
+        command += ["--cache", args.cache, "--max-length", str(max(args.context) + args.steps + 1)]
     result = {"machine": platform.machine(), "bundle": name}
     if (bundle / "manifest.json").is_file():
         result["convert"] = "reused the bundle already there"
