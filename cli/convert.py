@@ -11,7 +11,7 @@ import typer
 
 from parscale_export.bundle import read_manifest
 from parscale_export.contract import CACHE_NAMES
-from parscale_export.export import EXPORT_DTYPES, ExportOptions, convert
+from parscale_export.export import DEFAULT_MAX_LENGTH, EXPORT_DTYPES, GENAI_CACHE, ExportOptions, convert
 from parscale_export.family import convert_family
 from parscale_export.quantize import BITS
 
@@ -43,7 +43,9 @@ def convert_command(
     genai: Annotated[
         bool,
         typer.Option(
-            "--genai", help="Also make the bundle loadable by onnxruntime-genai (cache seen as [batch, P*kv, seq, d])."
+            "--genai",
+            help="Also make the bundle loadable by onnxruntime-genai (cache seen as [batch, P*kv, seq, d]); "
+            f"the cache is --cache {GENAI_CACHE} unless --cache says otherwise.",
         ),
     ] = False,
     quantize: Annotated[
@@ -61,19 +63,23 @@ def convert_command(
         ),
     ] = None,
     cache: Annotated[
-        Cache,
+        Cache | None,
         typer.Option(
             help="dynamic: contract v1, the cache grows by concatenation. static: contract v2, fixed "
             "buffers of --max-length tokens written in place (faster decoding at long contexts). gqa: contract "
             "v3, the same buffers read by ONNX Runtime's GroupQueryAttention, which reads only the filled slots: "
-            "the choice for onnxruntime-genai, whose buffer is a request's max_length (ONNX Runtime only; a "
-            "chunked prefill goes one sequence at a time)."
+            "the fastest in onnxruntime-genai, whose buffer is a request's max_length (ONNX Runtime only; a "
+            f"chunked prefill goes one sequence at a time).  [default: dynamic; {GENAI_CACHE} with --genai]",
+            show_default=False,
         ),
-    ] = Cache.dynamic,
+    ] = None,
     max_length: Annotated[
         int | None,
         typer.Option(
-            min=1, help="With --cache static or gqa: the most tokens (prompt + generated) one sequence may hold."
+            min=1,
+            help="With --cache static or gqa: the most tokens (prompt + generated) one sequence may hold.  "
+            f"[default: the model's max_position_embeddings, at most {DEFAULT_MAX_LENGTH}]",
+            show_default=False,
         ),
     ] = None,
     force: Annotated[
@@ -110,7 +116,7 @@ def convert_command(
         genai=genai,
         quantize=quantize.value if quantize else None,
         opset=opset,
-        cache=cache.value,
+        cache=cache.value if cache else None,
         max_length=max_length,
     )
     run = convert if len(checkpoints) == 1 else convert_family
@@ -118,14 +124,15 @@ def convert_command(
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
     for name, size in result.files.items():
         typer.echo(f"  {name:28s} {_size(size):>10s}")
-    c = result.config
+    c, manifest = result.config, read_manifest(result.out_dir)
     if len(checkpoints) > 1:
-        sizes = ", ".join(map(str, read_manifest(result.out_dir).family))
+        sizes = ", ".join(map(str, manifest.family))
         typer.echo(f"family: P = {sizes} over one backbone; choose with --parallel, default (the largest):")
+    limit = manifest.contract.max_length
     typer.echo(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
-        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}, cache={cache.value}"
-        + (f" (max_length {max_length})" if max_length else "")
+        f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}, "
+        f"cache={options.cache} (contract v{manifest.contract.version}" + (f", max_length {limit})" if limit else ")")
     )
     cuda_only = " --provider cuda" if dtype.value == "bf16" else ""
     typer.echo(f"next: parscale-export validate {result.out_dir}{cuda_only}")

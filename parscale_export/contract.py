@@ -118,6 +118,11 @@ class Contract:
         return DTYPES[self.dtype]
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per cache element (bfloat16 has no numpy type, but two bytes)."""
+        return 2 if self.dtype == "bfloat16" else np.dtype(self.np_dtype).itemsize
+
+    @property
     def onnx_element_type(self) -> int:
         return ONNX_ELEMENT_TYPES[self.dtype]
 

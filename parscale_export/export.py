@@ -55,6 +55,12 @@ CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
 
 Log = Callable[[str], None]
+# --genai without --cache: contract v3, the fastest in genai (issue 10's tables).
+GENAI_CACHE = "gqa"
+# --max-length left unset: the model's context, capped, because genai allocates a request's whole
+# max_length up front when the request names none (v2/v3), and a ParScale cache is P times a
+# plain model's (1.8B P=8 in fp32: 0.56 MiB a token, 2.3 GiB at 4096).
+DEFAULT_MAX_LENGTH = 4096
 
 
 # ONNX Runtime's contrib ops, described for onnxscript, which only knows standard ONNX's schemas.
@@ -212,16 +218,18 @@ class ExportOptions:
     first export. `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds
     genai_config.json, so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or
     "int4") turns the linear layers' weights into MatMulNBits blocks after export. `cache`
-    "dynamic" writes contract v1; "static" v2 (fixed buffers of `max_length` tokens, written in
-    place); "gqa" v3 (the same buffers under ONNX Runtime's GroupQueryAttention). `opset`
-    (default: the contract's, 23 for v1 and v3, 24 for v2) below 23 writes attention and
-    normalisation from primitive ops, for older runtimes (contract v1 only)."""
+    "dynamic" writes contract v1; "static" v2 (fixed buffers of at most `max_length` tokens,
+    written in place); "gqa" v3 (the same buffers under ONNX Runtime's GroupQueryAttention). Left
+    unset it is "dynamic", or "gqa" with `genai`: v3 decodes faster than v1 in genai at every
+    context measured (issue 10). `max_length` left unset is the model's context, at most
+    DEFAULT_MAX_LENGTH. `opset` (default: the contract's, 23 for v1 and v3, 24 for v2) below 23
+    writes attention and normalisation from primitive ops, for older runtimes (contract v1 only)."""
 
     dtype: str = "fp32"
     genai: bool = False
     quantize: str | None = None
     opset: int | None = None
-    cache: str = "dynamic"
+    cache: str | None = None
     max_length: int | None = None
 
     def __post_init__(self) -> None:
@@ -229,22 +237,28 @@ class ExportOptions:
             raise OutputError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
         if self.quantize is not None and self.quantize not in BITS:
             raise OutputError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(BITS)}")
-        if self.cache not in CACHE_NAMES:
+        if self.cache is not None and self.cache not in CACHE_NAMES:
             raise OutputError(f"--cache {self.cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
-        if self.dtype == "bf16" and (self.quantize or self.genai or self.cache != "dynamic"):
+        if self.dtype == "bf16" and (self.quantize or self.genai or self.cache not in (None, "dynamic")):
             raise UsageError(
                 f"--dtype bf16 goes with neither --quantize, --genai nor --cache {self.cache} yet: none of them has "
                 "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
             )
+        chosen = self.cache is not None
+        if not chosen:  # frozen: the one place the default is filled in
+            object.__setattr__(self, "cache", GENAI_CACHE if self.genai else "dynamic")
         kind = self.kind
         fixed = [name for name, version in CACHE_NAMES.items() if CACHE_KINDS[version].in_place]
-        if kind.in_place and self.max_length is None:
-            raise OutputError(f"--cache {self.cache} needs --max-length (its buffers' size)")
         if not kind.in_place and self.max_length is not None:
             raise OutputError(f"--max-length goes with --cache {' or '.join(fixed)}, not {self.cache}")
         if self.max_length is not None and self.max_length < 1:
             raise OutputError(f"--max-length {self.max_length} must be at least 1")
         if kind.in_place and self.opset not in (None, kind.opset):
+            if not chosen:
+                raise UsageError(
+                    f"--genai writes --cache {self.cache} (opset {kind.opset}) unless told otherwise: "
+                    f"add --cache dynamic to export at --opset {self.opset}"
+                )
             raise UsageError(f"--cache {self.cache} needs opset {kind.opset}; drop --opset")
         if not kind.in_place and self.opset is not None and self.opset not in OPSETS:
             raise OutputError(f"--opset {self.opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
@@ -259,14 +273,19 @@ class ExportOptions:
         """The opset written: the one asked for, else the contract's."""
         return self.kind.opset if self.opset is None else self.opset
 
+    def max_length_for(self, config: ModelConfig) -> int | None:
+        """The most tokens a sequence may hold in an in-place cache (None for contract v1)."""
+        if not self.kind.in_place:
+            return None
+        return self.max_length or min(config.max_position_embeddings, DEFAULT_MAX_LENGTH)
+
 
 DEFAULT_OPTIONS = ExportOptions()
 
 
 def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
     """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2, "gqa"
-    version 3 (both need `max_length`, the most tokens a sequence may hold, and always use the
-    heads layout)."""
+    version 3 (both hold at most `max_length` tokens a sequence and always use the heads layout)."""
     in_place = options.kind.in_place
     return Contract(
         cache_layout="heads" if options.genai or in_place else "rows",
@@ -278,7 +297,7 @@ def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
         dtype=CACHE_DTYPES[options.dtype],
         version=CACHE_NAMES[options.cache],
         prefix_slots=config.parscale_n_tokens if in_place else 0,
-        max_length=options.max_length,  # None unless in place: ExportOptions checks it
+        max_length=options.max_length_for(config),
     )
 
 

@@ -75,14 +75,21 @@ def genai_config(
     length = contract.max_length + contract.prefix_slots if contract.cache.in_place else config.max_position_embeddings
     if not contract.cache.in_place:
         notes.append(
-            "--cache gqa --max-length N (contract v3) decodes faster in genai at every context we measured; genai "
-            "then allocates a request's max_length slots up front, where this cache grows with the sequence"
+            "--cache gqa (contract v3, what --genai writes unless told otherwise) decodes faster in genai at every "
+            "context we measured; genai then allocates a request's max_length slots up front, where this cache "
+            "grows with the sequence"
+        )
+    else:
+        per_token = 2 * contract.num_layers * n * contract.num_kv_heads * contract.head_dim * contract.itemsize
+        notes.append(
+            f"genai allocates a request's cache at its max_length, {length} slots ({_size(per_token * length)} a "
+            f"sequence) when the request names none: set max_length to prompt + new tokens + {contract.prefix_slots}"
+            " (the prefix's slots), or convert with a smaller --max-length"
         )
     if contract.cache.attention == "scatter":
         notes.append(
-            f"genai allocates each request's cache buffer at its max_length (default {length}) and every decode "
-            "step reads all of it: give requests a max_length close to what they will use, or convert with "
-            "--cache gqa, whose attention reads only the slots in use"
+            "contract v2's attention reads the whole buffer at every decode step: give requests a max_length close "
+            "to what they will use, or convert with --cache gqa, whose attention reads only the slots in use"
         )
     model = {
         "bos_token_id": bos,
@@ -110,3 +117,11 @@ def genai_config(
         "top_p": 1.0,
     }
     return {"model": model, "search": search}, notes
+
+
+def _size(size: int) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")

@@ -3,13 +3,14 @@
 Writes a plain Qwen2 checkpoint shaped like the mid-size model (vocab 32000, hidden 512,
 intermediate 1408, 8 layers, 8/2 heads) and a P=4 ParScale checkpoint on the same backbone
 (48 prefix tokens); builds the builder's fp32 and int4 CPU graphs of the plain one; converts
-both with `parscale-export convert --genai`, fp32 and int4, in contracts v1 (default cache), v2
-(`--cache static`) and v3 (`--cache gqa`); then times every bundle in one process with scripts/genai_bench.py
-(interleaved rounds, batch 1, greedy) and prints ms/step, tok/s, the spread over rounds and the
-ratios issue 10 accepts on. The builder cannot build ParScale, so P=4 is compared with its P=1.
-Our genai_config.json sets ONNX Runtime's thread default (genai.THREADS), which the builder's
-does not; so the builder's graphs are also timed with that setting ("+threads"), and the ratios
-are printed against both: the bundles as each tool ships them, and the graphs alone.
+both with `parscale-export convert --genai`, fp32 and int4, in contracts v1 (`--cache dynamic`),
+v2 (`--cache static`) and v3 (`--cache gqa`, what `--genai` writes by default); then times
+every bundle in one process with scripts/genai_bench.py (interleaved rounds, batch 1, greedy)
+and prints ms/step, tok/s, the spread over rounds and the ratios issue 10 accepts on. The
+builder cannot build ParScale, so P=4 is compared with its P=1. Our genai_config.json sets
+ONNX Runtime's thread default (genai.THREADS), which the builder's does not; so the builder's
+graphs are also timed with that setting ("+threads"), and the ratios are printed against both:
+the bundles as each tool ships them, and the graphs alone.
 
 Not part of CI (about 5 minutes on 2 cores, 2 GB under --work; a rerun reuses what --work
 holds, so delete it after changing the exporter). The builder needs its own venv (it imports torch
@@ -43,7 +44,7 @@ SHAPE = dict(
     num_key_value_heads=2, parscale_n_tokens=48, max_position_embeddings=4096,
 )  # fmt: skip
 QUANT = {"fp32": [], "int4": ["--quantize", "int4"]}
-CONTRACTS = {"v1": [], "v2": ["--cache", "static"], "v3": ["--cache", "gqa"]}
+CONTRACTS = {"v1": ["--cache", "dynamic"], "v2": ["--cache", "static"], "v3": ["--cache", "gqa"]}
 
 
 def machine() -> str:
@@ -87,7 +88,7 @@ def build(args: argparse.Namespace) -> dict[str, Path]:
     for n in (1, 4):
         for dtype, quant in QUANT.items():
             for contract, cache in CONTRACTS.items():
-                cache = cache + (["--max-length", str(args.max_length)] if cache else [])
+                cache = cache + (["--max-length", str(args.max_length)] if contract != "v1" else [])
                 out = work / f"ours-p{n}-{dtype}-{contract}"
                 steps[f"ours P={n} {dtype} {contract}"] = [*convert, str(ckpt[n]), "-o", str(out), "--genai",
                                                            *quant, *cache, "--force"]  # fmt: skip

@@ -16,11 +16,18 @@ import onnxruntime_genai as og
 
 
 def prefix_slots(bundle: Path) -> int:
-    """Slots of genai's max_length the learned prefix takes: a contract-v2 bundle keeps it in
-    genai's shared buffer, so leave room for them and stop after the tokens asked for. A
-    family's genai folder (graph and config only) is contract v1: none."""
+    """Slots of genai's max_length the learned prefix takes: an in-place bundle (contracts v2 and
+    v3) keeps it in genai's shared buffer, so leave room for them and stop after the tokens asked
+    for. A family's genai-p{P}/ folder holds no manifest: the family's, one folder up, has P's.
+    Anything else (contract v1, the genai builder's graphs) takes none."""
     manifest = bundle / "manifest.json"
-    return json.loads(manifest.read_text())["contract"].get("prefix_slots", 0) if manifest.is_file() else 0
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["contract"].get("prefix_slots", 0)
+    family = bundle.parent / "manifest.json"
+    if bundle.name.startswith("genai-p") and family.is_file():
+        member = json.loads(family.read_text())["members"][bundle.name.removeprefix("genai-p")]
+        return member["contract"].get("prefix_slots", 0)
+    return 0
 
 
 def main() -> None:

@@ -1,12 +1,16 @@
 """Contract v3: GroupQueryAttention over fixed buffers shared by past and present. A batch's
-chunks refused before ONNX Runtime fails on them, and genai's config (its slots, in-place writes,
-sizing, capacity and equality with v1 are tested with v2's in test_static_cache.py)."""
+chunks refused before ONNX Runtime fails on them, genai's config, and v3 as what `--genai` writes
+by default (its slots, in-place writes, sizing, capacity and equality with v1 are tested with
+v2's in test_static_cache.py)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from conftest import TINY
+from parscale_export.cli.main import main
 
 from parscale_export.config import load_config
 from parscale_export.errors import UsageError
@@ -44,4 +48,23 @@ def test_genai_config_shares_the_buffer_without_the_v2_warning() -> None:
     contract = contract_for(config, ExportOptions(genai=True, cache="gqa", max_length=32))
     settings, notes = genai_config(config, contract, {"eos_token_id": [1], "pad_token_id": [], "bos_token_id": []})
     assert settings["search"]["past_present_share_buffer"] and settings["search"]["max_length"] == 32 + 8
-    assert not any("reads all of it" in note for note in notes)
+    assert not any("reads the whole buffer" in note for note in notes)
+    per_token = 2 * config.num_layers * config.parscale_n * config.num_kv_heads * config.head_dim * 4
+    assert any(f"40 slots ({per_token * 40 / 1024:.1f} KiB a sequence)" in note for note in notes)
+
+
+def test_genai_writes_contract_v3_unless_told_otherwise(tmp_path, capsys) -> None:
+    """v3 decodes fastest in genai; its buffers default to the model's context (capped), and
+    convert says what a request that names no max_length will allocate."""
+    config = load_config(TINY)
+    assert main(["convert", str(TINY), "-o", str(tmp_path / "v3"), "--genai"]) == 0
+    err = capsys.readouterr().err
+    contract = json.loads((tmp_path / "v3" / "manifest.json").read_text())["contract"]
+    assert contract["version"] == 3 and contract["max_length"] == min(config.max_position_embeddings, 4096)
+    settings = json.loads((tmp_path / "v3" / "genai_config.json").read_text())
+    assert settings["search"]["max_length"] == contract["max_length"] + config.parscale_n_tokens
+    slots = settings["search"]["max_length"]
+    per_token = 2 * config.num_layers * config.parscale_n * config.num_kv_heads * config.head_dim * 4
+    assert f"{slots} slots ({per_token * slots / 2**20:.1f} MiB a sequence)" in err
+    assert main(["convert", str(TINY), "-o", str(tmp_path / "v1"), "--genai", "--cache", "dynamic"]) == 0
+    assert json.loads((tmp_path / "v1" / "manifest.json").read_text())["contract"]["version"] == 1

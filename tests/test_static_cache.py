@@ -121,7 +121,8 @@ def test_cli_generate_past_capacity_exits_2(bundle, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cache", "static"], "--cache static needs --max-length"),
+        (["--opset", "18", "--genai"], "add --cache dynamic to export at --opset 18"),
+        (["--opset", "18", "--cache", "static"], "--cache static needs opset 24; drop --opset"),
         (["--max-length", "64"], "--max-length goes with --cache static"),
     ],
 )
@@ -149,4 +150,5 @@ def test_genai_config_of_contract_v2_warns_that_max_length_is_paid_for() -> None
     settings, notes = genai_config(config, contract, {"eos_token_id": [1], "pad_token_id": [], "bos_token_id": []})
     length = 32 + config.parscale_n_tokens
     assert settings["search"]["max_length"] == length and settings["search"]["past_present_share_buffer"]
-    assert any(f"max_length (default {length})" in note and "reads all of it" in note for note in notes)
+    assert any(f"{length} slots" in note for note in notes)
+    assert any("reads the whole buffer" in note for note in notes)
