@@ -8,7 +8,10 @@ and for any graph genai loads, e.g. the genai model builder's. Run it with the g
     .venv-genai/bin/python scripts/genai_bench.py ./v1-genai ./v2-genai --context 64 --context 960
 
 Prints one line per bundle and context, then one JSON object (ms per step, best and per round,
-the greedy tokens, and whether they agree).
+the greedy tokens, and whether they agree). With --explain, where a bundle's tokens part from
+the first bundle's, an untimed pass says at which step, how far apart each one's two best logits
+were there (a near tie falls either way under rounding), and how far their logits had been apart
+before it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-
-
-def prefix_slots(bundle: Path) -> int:
-    """Slots a contract-v2 bundle keeps for its prefix in genai's shared buffer (else 0)."""
-    manifest = bundle / "manifest.json"
-    return json.loads(manifest.read_text())["contract"].get("prefix_slots", 0) if manifest.is_file() else 0
+from genai_generate import prefix_slots  # this script's folder is on sys.path
 
 
 def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[float, list[int]]:
@@ -44,6 +42,58 @@ def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) ->
     return (time.perf_counter() - start) / steps, tokens
 
 
+def greedy_logits(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[list[int], np.ndarray]:
+    """The timed steps' greedy tokens and their logits, untimed (copying logits costs time)."""
+    params = og.GeneratorParams(model)
+    length = prompt.shape[1] + steps + 1 + extra_slots
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    generator.generate_next_token()
+    tokens, logits = [], []
+    for _ in range(steps):
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+        step = np.asarray(generator.get_output("logits"))
+        logits.append(step.reshape(-1, step.shape[-1])[-1].copy())
+    return tokens, np.stack(logits)
+
+
+def parting(first: tuple[list[int], np.ndarray], other: tuple[list[int], np.ndarray]) -> dict | None:
+    """Where `other`'s greedy tokens part from `first`'s (None if they never do): the step, each
+    one's gap between its two best logits there, and their largest logit difference before it.
+    Logits beyond 1e30 in size are left out: genai sets EOS's to the float minimum until
+    min_length, and the two bundles may name different EOS ids."""
+    (tokens, logits), (other_tokens, other_logits) = first, other
+    step = next((i for i, (a, b) in enumerate(zip(tokens, other_tokens, strict=True)) if a != b), None)
+    if step is None:
+        return None
+
+    def gap(row: np.ndarray) -> float:
+        second, best = np.sort(row[np.abs(row) < 1e30])[-2:]
+        return float(best - second)
+
+    same = (np.abs(logits[:step]) < 1e30) & (np.abs(other_logits[:step]) < 1e30)
+    before = float(np.abs(logits[:step] - other_logits[:step])[same].max()) if step else None
+    return {"step": step, "gap_first": gap(logits[step]), "gap_other": gap(other_logits[step]),
+            "max_logit_difference_before": before}  # fmt: skip
+
+
+def explain(models: dict[Path, og.Model], prompt: np.ndarray, steps: int, context: int) -> dict[str, dict]:
+    """`parting` of every bundle from the first, printed and returned by bundle."""
+    runs = {path: greedy_logits(model, prompt, steps, prefix_slots(path)) for path, model in models.items()}
+    first, *others = runs
+    partings = {}
+    for path in others:
+        if (part := parting(runs[first], runs[path])) is None:
+            continue
+        partings[str(path)] = part
+        print(f"context {context:5d}  {path.name} parts from {first.name} at step {part['step']}: best two logits "
+              f"{part['gap_first']:.4f} apart in {first.name}, {part['gap_other']:.4f} in {path.name}; "
+              f"logits at most {part['max_logit_difference_before'] or 0:.4f} apart before")  # fmt: skip
+    return partings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+", type=Path)
@@ -51,6 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=32000, help="prompt ids are drawn from [0, vocab)")
+    parser.add_argument("--explain", action="store_true", help="say where and how narrowly tokens part")
     args = parser.parse_args()
     models = {path: og.Model(str(path)) for path in args.bundles}
     results = []
@@ -67,9 +118,12 @@ def main() -> None:
         for path in args.bundles:
             print(f"context {context:5d}  {path.name:28s} {1e3 * best[path]:8.2f} ms/step")
         print(f"context {context:5d}  greedy tokens {'agree' if agree else 'DIFFER'}")
-        results.append({"context": context, "ms_per_step": {str(p): 1e3 * best[p] for p in args.bundles},
-                        "ms_rounds": {str(p): [1e3 * s for s in rounds[p]] for p in args.bundles},
-                        "tokens": {str(p): tokens[p] for p in args.bundles}, "tokens_agree": agree})  # fmt: skip
+        result = {"context": context, "ms_per_step": {str(p): 1e3 * best[p] for p in args.bundles},
+                  "ms_rounds": {str(p): [1e3 * s for s in rounds[p]] for p in args.bundles},
+                  "tokens": {str(p): tokens[p] for p in args.bundles}, "tokens_agree": agree}  # fmt: skip
+        if args.explain and not agree:
+            result["parting"] = explain(models, prompt, args.steps, context)
+        results.append(result)
     print(json.dumps({"steps": args.steps, "rounds": args.rounds, "results": results}))
 
 

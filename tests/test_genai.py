@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
-from conftest import CONFORMANCE, ROOT, TINY, official
+from conftest import CONFORMANCE, ROOT, TINY, edit_weights, official
 from parscale_export.cli.main import main
 
 from parscale_export.runtime import Runtime
@@ -35,7 +36,7 @@ def genai_bundles(tmp_path_factory) -> dict:
     names = ("p1_plain_mqa", "p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth")
     for ckpt in (*(CONFORMANCE / name for name in names), TINY):
         out = root / ckpt.name
-        assert main(["convert", str(ckpt), "-o", str(out), "--genai"]) == 0
+        assert main(["convert", str(ckpt), "-o", str(out), "--genai", "--cache", "dynamic"]) == 0  # contract v1
         made[ckpt.name] = out
     return made
 
@@ -133,8 +134,9 @@ def test_genai_engine_batches_requests_exactly(
 
 
 def test_genai_runs_every_p_of_a_family(tmp_path) -> None:
-    """Each genai-p{P}/ folder of a family bundle loads in genai as it is, gives our runtime's
-    greedy tokens for that P, and holds hard links to the family's files, not copies."""
+    """Each genai-p{P}/ folder of a family bundle (contract v3, --genai's default) loads in genai
+    as it is, gives our runtime's greedy tokens for that P, and holds hard links to the family's
+    files, not copies."""
     from parscale_export.export import ExportOptions
     from parscale_export.family import convert_family
     from parscale_export.synthetic import parscale_config, write_family
@@ -160,3 +162,23 @@ def test_genai_bench_times_both_contracts_with_the_same_tokens(genai_bundles: di
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["context"] for r in result["results"]] == [5, 9]
     assert all(r["tokens_agree"] and len(r["ms_per_step"]) == 2 for r in result["results"])
+
+
+def test_genai_bench_explains_where_tokens_part(genai_bundles: dict, tmp_path) -> None:
+    """A checkpoint with its final norm negated argmaxes its logits' minimum: --explain must find
+    the first step where the tokens differ and report both bundles' best-two gaps there."""
+    changed = tmp_path / "negated"
+    shutil.copytree(TINY, changed)
+    edit_weights(changed, lambda t: t.update({"model.norm.weight": -t["model.norm.weight"]}))
+    assert main(["convert", str(changed), "-o", str(tmp_path / "bundle"), "--genai", "--cache", "dynamic"]) == 0
+    args = [GENAI_PYTHON, str(ROOT / "scripts" / "genai_bench.py"), str(genai_bundles["tiny-parscale"]),
+            str(tmp_path / "bundle"), "--context", "5", "--steps", "4", "--rounds", "1", "--vocab", "256",
+            "--explain"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])["results"][0]
+    first, other = result["tokens"].values()
+    step = next(i for i, (a, b) in enumerate(zip(first, other, strict=True)) if a != b)
+    part = result["parting"][str(tmp_path / "bundle")]
+    assert part["step"] == step and part["gap_first"] >= 0 and part["gap_other"] >= 0
+    assert (part["max_logit_difference_before"] is None) == (step == 0)
+    assert f"parts from {genai_bundles['tiny-parscale'].name} at step {step}" in done.stdout
