@@ -6,10 +6,11 @@ import json
 import shutil
 
 import pytest
-from conftest import CONFORMANCE, TINY, edit_weights
+from conftest import CONFORMANCE, STATIC_MAX_LENGTH, TINY, edit_weights
 from parscale_export.cli.main import main
 
 from parscale_export.runtime import cuda_available
+from parscale_export.synthetic import parscale_config, write_family
 
 
 def drifted_copy(tmp_path, name: str, change) -> object:
@@ -62,19 +63,53 @@ def swap_streams(t) -> None:
             t[name] = tensor[[1, 0, 2, 3]].contiguous()
 
 
-@pytest.mark.parametrize(
-    ("dtype", "cache"), [("fp32", "dynamic"), ("fp16", "dynamic"), ("fp32", "static"), ("fp32", "gqa")]
-)
+# Every graph layout convert writes, as its flags: validate must fail each one drifted.
+LAYOUTS = {
+    "v1": [],
+    "v1-fp16": ["--dtype", "fp16"],
+    "v1-genai": ["--genai", "--cache", "dynamic"],  # the "heads" cache layout
+    "v1-opset18": ["--opset", "18"],  # attention and norms from primitive ops
+    "v2": ["--cache", "static", "--max-length", str(STATIC_MAX_LENGTH)],
+    "v3-genai": ["--genai"],  # contract v3, --genai's default
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_passes_undrifted(layout: str, tmp_path) -> None:
+    """What makes the drift test below mean something: the same layout, converted from the true
+    checkpoint, passes."""
+    assert main(["convert", str(TINY), "-o", str(tmp_path / "bundle"), *LAYOUTS[layout]]) == 0
+    assert main(["validate", str(tmp_path / "bundle")]) == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("change", [scale_one_prefix, move_one_aggregation_bias, swap_streams])
-def test_drifted_weights_fail_with_exit_1(change, dtype: str, cache: str, bundle, tmp_path, capsys) -> None:
+def test_drifted_weights_fail_with_exit_1(change, layout: str, tmp_path, capsys) -> None:
     drifted = drifted_copy(tmp_path, change.__name__, change)
     report = tmp_path / "report.json"
-    path = bundle(drifted, dtype, cache=cache)
+    path = tmp_path / "bundle"
+    assert main(["convert", str(drifted), "-o", str(path), *LAYOUTS[layout]]) == 0
     code = main(["validate", str(path), "--checkpoint", str(TINY), "--report", str(report)])
     out, err = capsys.readouterr()
     assert code == 1, out + err
     assert "FAIL" in out and "validation failed" in err
     assert json.loads(report.read_text())["verdict"] == "fail"
+
+
+def test_a_drifted_member_of_a_family_fails_and_the_others_pass(tmp_path, capsys) -> None:
+    """A family bundle is validated P by P: the member converted from a drifted checkpoint fails
+    against its true one, the member that shares only the backbone with it still passes."""
+    family = write_family(tmp_path / "true", parscale_config(parscale_n_tokens=8), (1, 2), seed=4)
+    drifted = [tmp_path / "drifted" / path.name for path in family]
+    for source, copy in zip(family, drifted, strict=True):
+        shutil.copytree(source, copy)
+    edit_weights(drifted[1], lambda t: t["model.layers.1.self_attn.prefix_k"][1].mul_(1.5))  # stream 1 of 2
+    out = tmp_path / "family"
+    assert main(["convert", *map(str, drifted), "-o", str(out)]) == 0
+    args = ["validate", str(out), "--decode-steps", "2", "--parallel"]
+    assert main([*args, "2", "--checkpoint", str(family[1])]) == 1
+    assert main([*args, "1", "--checkpoint", str(family[0])]) == 0
+    assert "validation failed" in capsys.readouterr().err
 
 
 def test_tolerance_override_is_honoured(bundle, capsys) -> None:
