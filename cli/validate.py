@@ -12,7 +12,7 @@ import typer
 
 from parscale_export.bundle import read_manifest
 from parscale_export.errors import OutputError, UsageError, ValidationFailed
-from parscale_export.validate import Report, Settings, default_thresholds, run_validation
+from parscale_export.validate import Report, Settings, Thresholds, default_thresholds, run_validation
 
 EP = "ExecutionProvider"
 
@@ -104,18 +104,15 @@ def validate_command(
 
 
 def _print_table(report: Report) -> None:
-    t = report.thresholds
-    scale = " x peak |logit|" if t.scaled else ""
-    typer.echo(
-        f"thresholds: max|err| <= {t.max_abs:g}{scale}, cosine >= {t.min_cosine:g}, top-1 >= {t.min_top1:g}, "
-        f"greedy must match: {'yes' if t.greedy_must_match else 'no'}"
-    )
+    typer.echo(f"thresholds: {_limits(report.thresholds)}")
+    if report.exact_thresholds:
+        typer.echo(f"exact phases (float activations, the bundle's weights): {_limits(report.exact_thresholds)}")
     columns = ("positions", 9), ("max|err|", 10), ("mean|err|", 10), ("min cos", 9), ("top-1", 6), ("greedy", 9)
-    typer.echo(f"{'phase':16s} " + " ".join(f"{name:>{width}s}" for name, width in columns) + "  result")
+    typer.echo(f"{'phase':22s} " + " ".join(f"{name:>{width}s}" for name, width in columns) + "  result")
     for p in report.phases:
         greedy = {None: "-", True: "same", False: f"DIFF@{p.greedy_agreeing_steps}"}[p.greedy_match]
         typer.echo(
-            f"{p.name:16s} {p.positions:9d} {p.max_abs:10.2e} {p.mean_abs:10.2e} {p.min_cosine:9.6f} "
+            f"{p.name:22s} {p.positions:9d} {p.max_abs:10.2e} {p.mean_abs:10.2e} {p.min_cosine:9.6f} "
             f"{p.top1:6.3f} {greedy:>9s}  {'ok' if p.passed else 'FAIL'}"
         )
     typer.echo(f"contract: {'ok' if not report.contract_problems else '; '.join(report.contract_problems)}")
@@ -125,3 +122,11 @@ def _print_table(report: Report) -> None:
     )
     verdict = "ok" if not report.placement_problems else "FAIL: " + "; ".join(report.placement_problems)
     typer.echo(f"placement: {verdict} ({ran or 'no heavy nodes profiled'})")
+
+
+def _limits(t: Thresholds) -> str:
+    scale = " x peak |logit|" if t.scaled else ""
+    return (
+        f"max|err| <= {t.max_abs:g}{scale}, cosine >= {t.min_cosine:g}, top-1 >= {t.min_top1:g}, "
+        f"greedy must match: {'yes' if t.greedy_must_match else 'no'}"
+    )

@@ -175,6 +175,30 @@ def _pack(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return packed, scales
 
 
+def dequantized(weight: np.ndarray, bits: int, scale_dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """The float [K, N] matrix a MatMulNBits node made from `weight` [K, N] multiplies by: packed
+    by the kernel quantize_in_place uses, scales rounded as the graph stores them, and unpacked
+    with MatMulNBits' implicit zero point (8 for int4, 128 for int8). Validation's exact phases
+    give it to the PyTorch reference, so that only the arithmetic differs from the bundle."""
+    k, n = weight.shape
+    packed, scales = _pack(np.ascontiguousarray(weight, dtype=np.float32), bits)
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1) if bits == 4 else packed  # low nibble first
+    blocks = values.reshape(n, scales.shape[1], BLOCK_SIZE).astype(np.float32) - (1 << (bits - 1))
+    scales = scales.astype(scale_dtype).astype(np.float32)
+    return (blocks * scales[:, :, None]).reshape(n, -1)[:, :k].T
+
+
+def exact_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every MatMulNBits at accuracy level 0: float activations, so the CPU kernel
+    computes with the dequantized weights exactly, where level 4 rounds activations to int8."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = 0
+    return model
+
+
 def _external(tensor: TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 

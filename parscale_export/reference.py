@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .checkpoint import load_weights
 from .config import load_config
 from .model import ParScaleForCausalLM, build_model
+from .quantize import BITS, dequantized
 from .stepping import Stepper, positions
 
 
@@ -22,9 +24,21 @@ class Reference(Stepper):
         self.model = model
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: Path) -> Reference:
+    def from_checkpoint(
+        cls, checkpoint_dir: Path, quantization: str | None = None, dtype: str = "float32"
+    ) -> Reference:
+        """The model in float32. With `quantization` ("int8", "int4"), every linear layer's weight
+        (a tied head's too, untied from the embedding) is replaced by what a bundle quantized
+        that way holds, scales rounded to `dtype`: the reference of validation's exact phases."""
         config = load_config(checkpoint_dir)
-        return cls(build_model(config, load_weights(checkpoint_dir, config)))
+        model = build_model(config, load_weights(checkpoint_dir, config))
+        if quantization:
+            scale_dtype = np.float16 if dtype == "float16" else np.float32
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    weight = dequantized(module.weight.numpy().T, BITS[quantization], scale_dtype).T
+                    module.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight)), requires_grad=False)
+        return cls(model)
 
     @torch.inference_mode()
     def run(

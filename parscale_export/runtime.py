@@ -99,7 +99,9 @@ class Runtime(Stepper):
     default: its largest P). Sessions given the same `shared` weights hold the backbone once.
 
     `profile` records the session's node placement until `placement()` is called (validate
-    uses it to prove where the heavy nodes ran); `tf32` allows TF32 math on CUDA."""
+    uses it to prove where the heavy nodes ran); `tf32` allows TF32 math on CUDA. `graph`, a
+    serialized model over the same weight files, runs instead of the bundle's (validate's exact
+    phases change one attribute of a quantized graph)."""
 
     def __init__(
         self,
@@ -110,6 +112,7 @@ class Runtime(Stepper):
         shared: SharedWeights | None = None,
         tf32: bool = False,
         profile: bool = False,
+        graph: bytes | None = None,
     ) -> None:
         self.manifest: Manifest = read_manifest(bundle_dir, parallel)
         self.contract = self.manifest.contract
@@ -131,9 +134,12 @@ class Runtime(Stepper):
         if self._profile_dir:
             options.enable_profiling = True
             options.profile_file_prefix = str(self._profile_dir / "ort")
+        if graph is not None:  # a graph from memory finds its external data here
+            folder = str(self.manifest.model_path.parent)
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         try:
             self.session = ort.InferenceSession(
-                str(self.manifest.model_path), options, providers=provider_list(self.provider, tf32)
+                graph or str(self.manifest.model_path), options, providers=provider_list(self.provider, tf32)
             )
         except Exception as exc:
             if self._profile_dir:

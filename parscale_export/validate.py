@@ -7,16 +7,19 @@ Both engines are driven through stepping.Stepper with identical inputs:
   batch-1   the first prompt alone, prefill and decode
 Every ONNX call is also checked against the I/O contract (names, shapes, dtypes), and the
 profile of one short call says where the heavy nodes ran: a node that ONNX Runtime quietly put
-on the CPU fails a CUDA validation.
+on the CPU fails a CUDA validation. A quantized bundle is judged twice: as it runs, against the
+float model under quantization's thresholds, and in "exact" phases that isolate the export from
+the quantization (see _exact_phases).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from .bundle import Manifest, read_manifest
 from .config import load_config
@@ -24,6 +27,7 @@ from .contract import ORT_TYPES
 from .environment import device_name, package_versions
 from .errors import BundleError
 from .placement import misplaced, summary
+from .quantize import exact_kernels
 from .reference import Reference
 from .runtime import PROVIDER_NAMES, Runtime, cache_slots
 from .stepping import State, Stepper
@@ -117,6 +121,7 @@ class Report:
     placement_problems: list[str]  # heavy ops that ran somewhere other than the provider asked for
     versions: dict[str, str | None]
     parscale_n: int | None = None
+    exact_thresholds: Thresholds | None = None  # a quantized bundle's exact phases: its dtype's thresholds
 
     @property
     def passed(self) -> bool:
@@ -314,6 +319,15 @@ def run_validation(
     log(f"loading the PyTorch reference from {checkpoint_dir}")
     reference = Reference.from_checkpoint(checkpoint_dir)
     phases = compare(bundle, reference, manifest.contract.vocab_size, settings, limits, log)
+    problems = list(bundle.problems)
+    exact_limits = None
+    if manifest.quantization:
+        exact_limits = DEFAULT_THRESHOLDS[manifest.dtype]
+        exact_phases, exact_problems = _exact_phases(
+            manifest, bundle_dir, checkpoint_dir, runtime.provider, settings, exact_limits, log
+        )
+        phases += exact_phases
+        problems += exact_problems
 
     return Report(
         bundle=str(Path(bundle_dir).resolve()),
@@ -326,12 +340,37 @@ def run_validation(
         thresholds=limits,
         settings=settings,
         phases=phases,
-        contract_problems=bundle.problems,
+        contract_problems=problems,
         placement=summary(placement),
         placement_problems=misplaced(placement, PROVIDER_NAMES[runtime.provider]),
         versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
         parscale_n=manifest.contract.parscale_n,
+        exact_thresholds=exact_limits,
     )
+
+
+def _exact_phases(
+    manifest: Manifest,
+    bundle_dir: Path,
+    checkpoint_dir: Path,
+    provider: str,
+    settings: Settings,
+    limits: Thresholds,
+    log,
+) -> tuple[list[PhaseResult], list[str]]:
+    """A quantized bundle's own phases compare it with the float model under thresholds wide
+    enough for quantization, which also let a wrong prefix or bias through (a prefix scaled by
+    1.5 moves the trained fixture's logits by 0.014; int8's activation rounding alone by 0.09).
+    Here the same graph computes with float activations (MatMulNBits accuracy level 0) against a
+    reference holding the bundle's dequantized weights: only arithmetic order differs, so the
+    dtype's own thresholds apply and any other difference fails."""
+    log("exact phases: the graph with float activations against the reference with its quantized weights")
+    graph = exact_kernels(onnx.load(str(manifest.model_path), load_external_data=False)).SerializeToString()
+    member = manifest.contract.parscale_n if manifest.family else None
+    exact = _CheckedRuntime(Runtime(bundle_dir, provider=provider, parallel=member, graph=graph))
+    reference = Reference.from_checkpoint(checkpoint_dir, manifest.quantization, manifest.dtype)
+    phases = compare(exact, reference, manifest.contract.vocab_size, settings, limits, log)
+    return [replace(phase, name=f"exact {phase.name}") for phase in phases], exact.problems
 
 
 def _check_same_shape(model: dict, config, checkpoint_dir: Path) -> None:

@@ -64,3 +64,19 @@ def edit_weights(checkpoint: Path, change) -> None:
     tensors = load_file(checkpoint / "model.safetensors")
     change(tensors)
     save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+
+# Drifts of a P=4 checkpoint that validate must catch, in every layout and quantization.
+def scale_one_prefix(t) -> None:
+    t["model.layers.1.self_attn.prefix_k"][2] *= 1.5  # one stream, one layer
+
+
+def move_one_aggregation_bias(t) -> None:
+    t["model.aggregate_layer.2.bias"][1] += 0.5
+
+
+def swap_streams(t) -> None:
+    """What a wrong row order would look like: streams 0 and 1 trade prefixes everywhere."""
+    for name, tensor in t.items():
+        if name.endswith(("prefix_k", "prefix_v")):
+            t[name] = tensor[[1, 0, 2, 3]].contiguous()

@@ -8,13 +8,13 @@ import shutil
 import onnx
 import pytest
 import torch
-from conftest import CONFORMANCE, TINY, TRAINED
+from conftest import CONFORMANCE, TINY, TRAINED, edit_weights, move_one_aggregation_bias, scale_one_prefix, swap_streams
 from parscale_export.cli.main import main
 from safetensors.torch import save_file
 
 from parscale_export.checkpoint import load_weights
 from parscale_export.config import load_config
-from parscale_export.quantize import BLOCK_SIZE
+from parscale_export.quantize import BLOCK_SIZE, dequantized
 from parscale_export.synthetic import parscale_config, write_checkpoint
 
 LINEAR_SUFFIXES = ("proj.weight", "lm_head.weight", "aggregate_layer.0.weight", "aggregate_layer.2.weight")
@@ -74,10 +74,60 @@ def test_int8_on_random_weights_passes(tmp_path) -> None:
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_trained_fixture_passes_quantized_validation(scheme, tmp_path) -> None:
-    """The quantized thresholds were measured on this fixture (see its README) and set with a margin."""
+    """The quantized thresholds were measured on this fixture (see its README) and set with a margin;
+    the exact phases (float activations, the bundle's own weights in the reference) agree to fp32."""
     code, report, _ = convert_and_validate(TRAINED, scheme, tmp_path)
     assert code == 0, report
     assert report["quantization"] == scheme
+    exact = [p for p in report["phases"] if p["name"].startswith("exact ")]
+    assert len(exact) == 4 and all(p["max_abs"] < 1e-4 and p["top1"] == 1.0 for p in exact)
+    assert report["exact_thresholds"]["max_abs"] == 1e-3
+
+
+@pytest.mark.parametrize("change", [scale_one_prefix, move_one_aggregation_bias, swap_streams])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_bundle_of_a_drifted_checkpoint_fails(scheme: str, change, tmp_path) -> None:
+    """Quantization's own thresholds are wide enough to let some drift through (a prefix scaled by
+    1.5 moves the trained fixture's logits by 0.014, under int8's activation rounding): the exact
+    phases catch every drift."""
+    drifted = tmp_path / "drifted"
+    shutil.copytree(TRAINED, drifted)
+    edit_weights(drifted, change)
+    out = tmp_path / "bundle"
+    assert main(["convert", str(drifted), "-o", str(out), "--quantize", scheme]) == 0
+    report = tmp_path / "report.json"
+    assert main(["validate", str(out), "--checkpoint", str(TRAINED), "--report", str(report)]) == 1
+    exact = [p for p in json.loads(report.read_text())["phases"] if p["name"].startswith("exact ")]
+    assert len(exact) == 4 and not any(p["passed"] for p in exact)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantized_weights_are_what_matmulnbits_multiplies_by(bits: int) -> None:
+    """The exact phases' reference holds dequantized(W): it must be the matrix ONNX Runtime's
+    MatMulNBits computes with (accuracy level 0: float activations), K not a multiple of 32."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from parscale_export.quantize import _pack
+
+    rng = np.random.default_rng(bits)
+    k, n = 80, 24
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    packed, scales = _pack(weight, bits)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=BLOCK_SIZE, accuracy_level=0)  # fmt: skip
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        [onnx.numpy_helper.from_array(packed, "w"), onnx.numpy_helper.from_array(scales, "s")],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString())
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    want = dequantized(weight, bits)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want - weight).max() < np.abs(weight).max() / (2 ** (bits - 1) - 1)  # a rounding, not garbage
 
 
 def test_int4_drift_on_random_weights_is_reported_and_fails(tmp_path, capsys) -> None:

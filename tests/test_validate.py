@@ -6,7 +6,15 @@ import json
 import shutil
 
 import pytest
-from conftest import CONFORMANCE, STATIC_MAX_LENGTH, TINY, edit_weights
+from conftest import (
+    CONFORMANCE,
+    STATIC_MAX_LENGTH,
+    TINY,
+    edit_weights,
+    move_one_aggregation_bias,
+    scale_one_prefix,
+    swap_streams,
+)
 from parscale_export.cli.main import main
 
 from parscale_export.runtime import cuda_available
@@ -46,21 +54,6 @@ def test_static_cache_bundle_passes(bundle, tmp_path) -> None:
     data = json.loads(report.read_text())
     assert data["verdict"] == "pass" and not data["contract_problems"]
     assert all(p["max_abs"] < 1e-4 and p["top1"] == 1.0 for p in data["phases"])
-
-
-def scale_one_prefix(t) -> None:
-    t["model.layers.1.self_attn.prefix_k"][2] *= 1.5  # one stream, one layer
-
-
-def move_one_aggregation_bias(t) -> None:
-    t["model.aggregate_layer.2.bias"][1] += 0.5
-
-
-def swap_streams(t) -> None:
-    """What a wrong row order would look like: streams 0 and 1 trade prefixes everywhere."""
-    for name, tensor in t.items():
-        if name.endswith(("prefix_k", "prefix_v")):
-            t[name] = tensor[[1, 0, 2, 3]].contiguous()
 
 
 # Every graph layout convert writes, as its flags: validate must fail each one drifted.
