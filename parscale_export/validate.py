@@ -319,22 +319,21 @@ def run_validation(
     log(f"loading the PyTorch reference from {checkpoint_dir}")
     reference = Reference.from_checkpoint(checkpoint_dir)
     phases = compare(bundle, reference, manifest.contract.vocab_size, settings, limits, log)
-    problems = list(bundle.problems)
+    problems, used = list(bundle.problems), runtime.provider
+    del reference, bundle, runtime  # the exact phases load a second session and model: not beside these
     exact_limits = None
     if manifest.quantization:
         exact_limits = DEFAULT_THRESHOLDS[manifest.dtype]
-        exact_phases, exact_problems = _exact_phases(
-            manifest, bundle_dir, checkpoint_dir, runtime.provider, settings, exact_limits, log
-        )
-        phases += exact_phases
+        exact, exact_problems = _exact_phases(manifest, bundle_dir, checkpoint_dir, used, settings, exact_limits, log)
+        phases += exact
         problems += exact_problems
 
     return Report(
         bundle=str(Path(bundle_dir).resolve()),
         checkpoint=str(Path(checkpoint_dir).resolve()),
         requested_provider=provider,
-        provider=runtime.provider,
-        device=device_name(runtime.provider),
+        provider=used,
+        device=device_name(used),
         dtype=manifest.dtype,
         quantization=manifest.quantization,
         thresholds=limits,
@@ -342,7 +341,7 @@ def run_validation(
         phases=phases,
         contract_problems=problems,
         placement=summary(placement),
-        placement_problems=misplaced(placement, PROVIDER_NAMES[runtime.provider]),
+        placement_problems=misplaced(placement, PROVIDER_NAMES[used]),
         versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
         parscale_n=manifest.contract.parscale_n,
         exact_thresholds=exact_limits,
