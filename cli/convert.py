@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from parscale_export.bundle import read_manifest
+from parscale_export.bundle import human_size, read_manifest
 from parscale_export.contract import CACHE_NAMES
 from parscale_export.export import DEFAULT_MAX_LENGTH, EXPORT_DTYPES, GENAI_CACHE, ExportOptions, convert
 from parscale_export.family import convert_family
@@ -123,7 +123,7 @@ def convert_command(
     result = run(checkpoints[0] if len(checkpoints) == 1 else checkpoints, output, options, force=force, log=log)
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
     for name, size in result.files.items():
-        typer.echo(f"  {name:28s} {_size(size):>10s}")
+        typer.echo(f"  {name:28s} {human_size(size):>10s}")
     c, manifest = result.config, read_manifest(result.out_dir)
     if len(checkpoints) > 1:
         sizes = ", ".join(map(str, manifest.family))
@@ -136,11 +136,3 @@ def convert_command(
     )
     cuda_only = " --provider cuda" if dtype.value == "bf16" else ""
     typer.echo(f"next: parscale-export validate {result.out_dir}{cuda_only}")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

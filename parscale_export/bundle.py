@@ -90,6 +90,15 @@ class Manifest:
         return next(iter(tokens.get("pad_token_id", []) + tokens.get("eos_token_id", [])), 0)
 
 
+def human_size(size: float) -> str:
+    """Bytes as B, KiB, MiB or GiB, one decimal above bytes: convert's file list, genai's memory note."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def genai_folder(parallel: int) -> str:
     """Where a family bundle made with --genai keeps the genai_config.json for P."""
     return f"genai-p{parallel}"

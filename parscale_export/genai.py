@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bundle import human_size
 from .config import ModelConfig
 from .contract import Contract
 from .errors import ConfigError
@@ -82,7 +83,7 @@ def genai_config(
     else:
         per_token = 2 * contract.num_layers * n * contract.num_kv_heads * contract.head_dim * contract.itemsize
         notes.append(
-            f"genai allocates a request's cache at its max_length, {length} slots ({_size(per_token * length)} a "
+            f"genai allocates a request's cache at its max_length, {length} slots ({human_size(per_token * length)} a "
             f"sequence) when the request names none: set max_length to prompt + new tokens + {contract.prefix_slots}"
             " (the prefix's slots), or convert with a smaller --max-length"
         )
@@ -117,11 +118,3 @@ def genai_config(
         "top_p": 1.0,
     }
     return {"model": model, "search": search}, notes
-
-
-def _size(size: int) -> str:
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")
