@@ -18,6 +18,7 @@ guess is wrong (issue 10's note has the numbers, the builder's graph with it inc
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .bundle import human_size
@@ -81,9 +82,9 @@ def genai_config(
             "grows with the sequence"
         )
     else:
-        per_token = 2 * contract.num_layers * n * contract.num_kv_heads * contract.head_dim * contract.itemsize
+        size = len(contract.past_names()) * math.prod(contract.cache_shape(1, length)) * contract.itemsize
         notes.append(
-            f"genai allocates a request's cache at its max_length, {length} slots ({human_size(per_token * length)} a "
+            f"genai allocates a request's cache at its max_length, {length} slots ({human_size(size)} a "
             f"sequence) when the request names none: set max_length to prompt + new tokens + {contract.prefix_slots}"
             " (the prefix's slots), or convert with a smaller --max-length"
         )

@@ -25,15 +25,15 @@ class Reference(Stepper):
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint_dir: Path, quantization: str | None = None, dtype: str = "float32"
+        cls, checkpoint_dir: Path, quantization: str | None = None, scale_dtype: type[np.floating] = np.float32
     ) -> Reference:
         """The model in float32. With `quantization` ("int8", "int4"), every linear layer's weight
         (a tied head's too, untied from the embedding) is replaced by what a bundle quantized
-        that way holds, scales rounded to `dtype`: the reference of validation's exact phases."""
+        that way holds, scales rounded to `scale_dtype` (the bundle's): the reference of
+        validation's exact phases."""
         config = load_config(checkpoint_dir)
         model = build_model(config, load_weights(checkpoint_dir, config))
         if quantization:
-            scale_dtype = np.float16 if dtype == "float16" else np.float32
             for module in model.modules():
                 if isinstance(module, nn.Linear):
                     weight = dequantized(module.weight.numpy().T, BITS[quantization], scale_dtype).T

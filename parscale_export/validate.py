@@ -367,7 +367,7 @@ def _exact_phases(
     graph = exact_kernels(onnx.load(str(manifest.model_path), load_external_data=False)).SerializeToString()
     member = manifest.contract.parscale_n if manifest.family else None
     exact = _CheckedRuntime(Runtime(bundle_dir, provider=provider, parallel=member, graph=graph))
-    reference = Reference.from_checkpoint(checkpoint_dir, manifest.quantization, manifest.dtype)
+    reference = Reference.from_checkpoint(checkpoint_dir, manifest.quantization, manifest.contract.np_dtype)
     phases = compare(exact, reference, manifest.contract.vocab_size, settings, limits, log)
     return [replace(phase, name=f"exact {phase.name}") for phase in phases], exact.problems
 
