@@ -26,14 +26,21 @@ import onnxruntime_genai as og
 from genai_generate import prefix_slots  # this script's folder is on sys.path
 
 
-def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[float, list[int]]:
-    """Seconds per decode step after `prompt`, and the greedy tokens."""
+def prefilled(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> og.Generator:
+    """A greedy generator after `prompt` and the prefill's token, forced to last `steps` more
+    tokens (EOS must not end a timing)."""
     params = og.GeneratorParams(model)
     length = prompt.shape[1] + steps + 1 + extra_slots
-    params.set_search_options(do_sample=False, max_length=length, min_length=length)  # EOS must not end a timing
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)
-    generator.generate_next_token()  # the prefill's token, not timed
+    generator.generate_next_token()
+    return generator
+
+
+def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[float, list[int]]:
+    """Seconds per decode step after `prompt` (the prefill not timed), and the greedy tokens."""
+    generator = prefilled(model, prompt, steps, extra_slots)
     tokens = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -44,12 +51,7 @@ def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) ->
 
 def greedy_logits(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[list[int], np.ndarray]:
     """The timed steps' greedy tokens and their logits, untimed (copying logits costs time)."""
-    params = og.GeneratorParams(model)
-    length = prompt.shape[1] + steps + 1 + extra_slots
-    params.set_search_options(do_sample=False, max_length=length, min_length=length)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    generator.generate_next_token()
+    generator = prefilled(model, prompt, steps, extra_slots)
     tokens, logits = [], []
     for _ in range(steps):
         generator.generate_next_token()
@@ -88,9 +90,10 @@ def explain(models: dict[Path, og.Model], prompt: np.ndarray, steps: int, contex
         if (part := parting(runs[first], runs[path])) is None:
             continue
         partings[str(path)] = part
+        before = part["max_logit_difference_before"]
         print(f"context {context:5d}  {path.name} parts from {first.name} at step {part['step']}: best two logits "
-              f"{part['gap_first']:.4f} apart in {first.name}, {part['gap_other']:.4f} in {path.name}; "
-              f"logits at most {part['max_logit_difference_before'] or 0:.4f} apart before")  # fmt: skip
+              f"{part['gap_first']:.4f} apart in {first.name}, {part['gap_other']:.4f} in {path.name}"
+              + (f"; logits at most {before:.4f} apart before" if before is not None else ""))  # fmt: skip
     return partings
 
 
