@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,14 @@ def edit_weights(checkpoint: Path, change) -> None:
     tensors = load_file(checkpoint / "model.safetensors")
     change(tensors)
     save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+
+def drifted_copy(folder: Path, name: str, change, source: Path = TINY) -> Path:
+    """A copy of `source` at folder/name with `change` applied to its weights."""
+    checkpoint = folder / name
+    shutil.copytree(source, checkpoint)
+    edit_weights(checkpoint, change)
+    return checkpoint
 
 
 # Drifts of a P=4 checkpoint that validate must catch, in every layout and quantization.

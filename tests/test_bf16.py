@@ -8,11 +8,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from conftest import TINY
+from conftest import TINY, drifted_copy, move_one_aggregation_bias, scale_one_prefix, swap_streams
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from parscale_export.cli.main import main
-from test_validate import drifted_copy, move_one_aggregation_bias, scale_one_prefix, swap_streams
 
 from parscale_export.bundle import read_manifest
 from parscale_export.reference import Reference

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
-from conftest import CONFORMANCE, ROOT, TINY, edit_weights, official
+from conftest import CONFORMANCE, ROOT, TINY, drifted_copy, official
 from parscale_export.cli.main import main
 
 from parscale_export.runtime import Runtime
@@ -167,9 +166,7 @@ def test_genai_bench_times_both_contracts_with_the_same_tokens(genai_bundles: di
 def test_genai_bench_explains_where_tokens_part(genai_bundles: dict, tmp_path) -> None:
     """A checkpoint with its final norm negated argmaxes its logits' minimum: --explain must find
     the first step where the tokens differ and report both bundles' best-two gaps there."""
-    changed = tmp_path / "negated"
-    shutil.copytree(TINY, changed)
-    edit_weights(changed, lambda t: t.update({"model.norm.weight": -t["model.norm.weight"]}))
+    changed = drifted_copy(tmp_path, "negated", lambda t: t.update({"model.norm.weight": -t["model.norm.weight"]}))
     assert main(["convert", str(changed), "-o", str(tmp_path / "bundle"), "--genai", "--cache", "dynamic"]) == 0
     args = [GENAI_PYTHON, str(ROOT / "scripts" / "genai_bench.py"), str(genai_bundles["tiny-parscale"]),
             str(tmp_path / "bundle"), "--context", "5", "--steps", "4", "--rounds", "1", "--vocab", "256",

@@ -8,7 +8,7 @@ import shutil
 import onnx
 import pytest
 import torch
-from conftest import CONFORMANCE, TINY, TRAINED, edit_weights, move_one_aggregation_bias, scale_one_prefix, swap_streams
+from conftest import CONFORMANCE, TINY, TRAINED, drifted_copy, move_one_aggregation_bias, scale_one_prefix, swap_streams
 from parscale_export.cli.main import main
 from safetensors.torch import save_file
 
@@ -90,14 +90,10 @@ def test_quantized_bundle_of_a_drifted_checkpoint_fails(scheme: str, change, tmp
     """Quantization's own thresholds are wide enough to let some drift through (a prefix scaled by
     1.5 moves the trained fixture's logits by 0.014, under int8's activation rounding): the exact
     phases catch every drift."""
-    drifted = tmp_path / "drifted"
-    shutil.copytree(TRAINED, drifted)
-    edit_weights(drifted, change)
-    out = tmp_path / "bundle"
-    assert main(["convert", str(drifted), "-o", str(out), "--quantize", scheme]) == 0
-    report = tmp_path / "report.json"
-    assert main(["validate", str(out), "--checkpoint", str(TRAINED), "--report", str(report)]) == 1
-    exact = [p for p in json.loads(report.read_text())["phases"] if p["name"].startswith("exact ")]
+    drifted = drifted_copy(tmp_path, "drifted", change, source=TRAINED)
+    code, report, _ = convert_and_validate(drifted, scheme, tmp_path, ("--checkpoint", str(TRAINED)))
+    assert code == 1
+    exact = [p for p in report["phases"] if p["name"].startswith("exact ")]
     assert len(exact) == 4 and not any(p["passed"] for p in exact)
 
 

@@ -10,6 +10,7 @@ from conftest import (
     CONFORMANCE,
     STATIC_MAX_LENGTH,
     TINY,
+    drifted_copy,
     edit_weights,
     move_one_aggregation_bias,
     scale_one_prefix,
@@ -19,14 +20,6 @@ from parscale_export.cli.main import main
 
 from parscale_export.runtime import cuda_available
 from parscale_export.synthetic import parscale_config, write_family
-
-
-def drifted_copy(tmp_path, name: str, change) -> object:
-    """A copy of the tiny checkpoint with one edit to its weights."""
-    ckpt = tmp_path / name
-    shutil.copytree(TINY, ckpt)
-    edit_weights(ckpt, change)
-    return ckpt
 
 
 def test_correct_bundle_passes_on_cpu_and_says_so(bundle, tmp_path, capsys) -> None:
