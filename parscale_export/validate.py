@@ -307,8 +307,8 @@ def run_validation(
     _check_same_shape(manifest.raw.get("model", {}), load_config(checkpoint_dir), checkpoint_dir)
     limits = thresholds or default_thresholds(manifest)
 
-    member = manifest.contract.parscale_n if manifest.family else None
-    runtime = Runtime(bundle_dir, provider=provider, parallel=member, profile=True)
+    # The P just read: a family's member (default, the largest), or a single bundle's own P.
+    runtime = Runtime(bundle_dir, provider=provider, parallel=manifest.contract.parscale_n, profile=True)
     log(f"ONNX Runtime provider: {runtime.provider.upper()}")
     if runtime.provider == "cpu" and provider == "auto":
         log(CPU_FALLBACK_WARNING)
@@ -365,8 +365,8 @@ def _exact_phases(
     dtype's own thresholds apply and any other difference fails."""
     log("exact phases: the graph with float activations against the reference with its quantized weights")
     graph = exact_kernels(onnx.load(str(manifest.model_path), load_external_data=False)).SerializeToString()
-    member = manifest.contract.parscale_n if manifest.family else None
-    exact = _CheckedRuntime(Runtime(bundle_dir, provider=provider, parallel=member, graph=graph))
+    runtime = Runtime(bundle_dir, provider=provider, parallel=manifest.contract.parscale_n, graph=graph)
+    exact = _CheckedRuntime(runtime)
     reference = Reference.from_checkpoint(checkpoint_dir, manifest.quantization, manifest.contract.np_dtype)
     phases = compare(exact, reference, manifest.contract.vocab_size, settings, limits, log)
     return [replace(phase, name=f"exact {phase.name}") for phase in phases], exact.problems
