@@ -11,7 +11,7 @@ import typer
 
 from parscale_export.bundle import human_size, read_manifest
 from parscale_export.contract import CACHE_NAMES
-from parscale_export.export import DEFAULT_MAX_LENGTH, EXPORT_DTYPES, GENAI_CACHE, ExportOptions, convert
+from parscale_export.export import DEFAULT_CACHE, DEFAULT_MAX_LENGTH, EXPORT_DTYPES, ExportOptions, convert
 from parscale_export.family import convert_family
 from parscale_export.quantize import BITS
 
@@ -44,8 +44,9 @@ def convert_command(
         bool,
         typer.Option(
             "--genai",
-            help="Also make the bundle loadable by onnxruntime-genai (cache seen as [batch, P*kv, seq, d]); "
-            f"the cache is --cache {GENAI_CACHE} unless --cache says otherwise.",
+            help="Also write genai_config.json, so that onnxruntime-genai loads the bundle as it is (the P "
+            "streams look like P times the heads to it). The graph then declares its buffers' length, "
+            "prefix + --max-length slots: genai allocates exactly that and refuses a longer max_length.",
         ),
     ] = False,
     quantize: Annotated[
@@ -57,19 +58,20 @@ def convert_command(
         typer.Option(
             min=18,
             max=23,
-            help="ONNX opset, contract v1 only (--cache static and gqa take theirs: 24 and 23). 23, the "
-            "default: fused Attention and RMSNormalization (onnxruntime >= 1.23). 18-22: the same model from "
-            "MatMul, Softmax, ReduceMean... for older runtimes (18: onnxruntime >= 1.15).",
+            help="ONNX opset. 23, the default (onnxruntime >= 1.24). 18-22: attention and norms from MatMul, "
+            "Softmax, ReduceMean... for older runtimes (18: onnxruntime >= 1.15); they have no in-place cache, "
+            "so these imply --cache dynamic.",
         ),
     ] = None,
     cache: Annotated[
         Cache | None,
         typer.Option(
-            help="dynamic: contract v1, the cache grows by concatenation. static: contract v2, fixed "
-            "buffers of --max-length tokens written in place (faster decoding at long contexts). gqa: contract "
-            "v3, the same buffers read by ONNX Runtime's GroupQueryAttention, which reads only the filled slots: "
-            "the fastest in onnxruntime-genai, whose buffer is a request's max_length (ONNX Runtime only; a "
-            f"chunked prefill goes one sequence at a time).  [default: dynamic; {GENAI_CACHE} with --genai]",
+            help="gqa (the default, contract v3): one buffer per layer of prefix + --max-length slots a "
+            "sequence, written in place and read by ONNX Runtime's GroupQueryAttention over the slots in use; "
+            "decode cost stays nearly flat with context. static (v2): the same buffers under ONNX's Attention, "
+            "which reads the whole buffer (faster on the CPU at P=8 when buffers fit the request). dynamic (v1): "
+            "the cache is copied into a longer one at every step; for runtimes without the in-place ops (any "
+            f"--opset below 23).  [default: {DEFAULT_CACHE}]",
             show_default=False,
         ),
     ] = None,
@@ -77,7 +79,7 @@ def convert_command(
         int | None,
         typer.Option(
             min=1,
-            help="With --cache static or gqa: the most tokens (prompt + generated) one sequence may hold.  "
+            help="The most tokens (prompt + generated) one sequence may hold in the in-place cache.  "
             f"[default: the model's max_position_embeddings, at most {DEFAULT_MAX_LENGTH}]",
             show_default=False,
         ),
@@ -132,7 +134,9 @@ def convert_command(
     typer.echo(
         f"P={c.parscale_n} (cache rows = {c.parscale_n} x batch), layers={c.num_layers}, "
         f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={dtype.value}, "
-        f"cache={options.cache} (contract v{manifest.contract.version}" + (f", max_length {limit})" if limit else ")")
+        f"cache={options.cache} (contract v{manifest.contract.version}"
+        + (f", max_length {limit})" if limit else ")")
+        + (f": {options.note}" if options.note else "")
     )
     cuda_only = " --provider cuda" if dtype.value == "bf16" else ""
     typer.echo(f"next: parscale-export validate {result.out_dir}{cuda_only}")

@@ -104,8 +104,11 @@ class Contract:
     dtype: str  # dtype of the cache tensors: "float32", "float16" or "bfloat16"
     cache_layout: str = "rows"  # "rows": [P*batch, KV, seq, D]; "heads": [batch, P*KV, seq, D] (genai)
     version: int = 1
-    prefix_slots: int = 0  # version 2: the learned prefix's slots in each buffer (T, or 0 when P = 1)
-    max_length: int | None = None  # version 2: the most tokens (past + new) one sequence may hold
+    prefix_slots: int = 0  # versions 2, 3: the learned prefix's slots in each buffer (T, or 0 when P = 1)
+    max_length: int | None = None  # versions 2, 3: the most tokens (past + new) one sequence may hold
+    # Versions 2, 3: the graph declares its buffers' length as the number `capacity`, not an axis.
+    # onnxruntime-genai then allocates exactly that many slots, whatever max_length a request sets.
+    fixed_capacity: bool = False
 
     @property
     def cache(self) -> CacheKind:
@@ -123,6 +126,11 @@ class Contract:
         return 2 if self.dtype == "bfloat16" else np.dtype(self.np_dtype).itemsize
 
     @property
+    def capacity(self) -> int:
+        """Slots in a buffer that holds max_length tokens: the prefix's and the tokens'."""
+        return self.prefix_slots + (self.max_length or 0)
+
+    @property
     def onnx_element_type(self) -> int:
         return ONNX_ELEMENT_TYPES[self.dtype]
 
@@ -138,6 +146,9 @@ class Contract:
     def output_names(self) -> list[str]:
         return ["logits", *self.present_names()]
 
+    def _cache_axis(self, axis: str) -> int | str:
+        return self.capacity if self.fixed_capacity and axis == CAPACITY else axis
+
     def cache_shape(self, batch: int | str, length: int | str) -> tuple[int | str, ...]:
         if self.cache_layout == "heads":
             return (batch, self.parscale_n * self.num_kv_heads, length, self.head_dim)
@@ -151,17 +162,18 @@ class Contract:
             "attention_mask": ("int64", (BATCH, TOTAL)),
             "position_ids": ("int64", (BATCH, SEQUENCE)),
         }
-        past = self.cache_shape(BATCH, self.cache.past_axis)
+        past = self.cache_shape(BATCH, self._cache_axis(self.cache.past_axis))
         return spec | {name: (self.dtype, past) for name in self.past_names()}
 
     def output_spec(self) -> dict[str, tuple[str, tuple[int | str, ...]]]:
         spec = {"logits": ("float32", (BATCH, SEQUENCE, self.vocab_size))}
-        present = self.cache_shape(BATCH, self.cache.present_axis)
+        present = self.cache_shape(BATCH, self._cache_axis(self.cache.present_axis))
         return spec | {name: (self.dtype, present) for name in self.present_names()}
 
     def cache_slots(self, tokens: int | None) -> int:
         """Length of the first call's past for sequences that will hold `tokens` tokens in all
-        (None: as many as the bundle allows). Version 1 starts empty; version 2 allocates once."""
+        (None: as many as the bundle allows). Version 1 starts empty; versions 2 and 3 allocate
+        once: just enough, or the whole capacity when the graph declares it."""
         if not self.cache.in_place:
             return 0
         limit = self.max_length or 0
@@ -170,7 +182,9 @@ class Contract:
                 f"{tokens} tokens (prompt + new) do not fit this bundle's cache (max_length {limit}); "
                 "convert again with a larger --max-length"
             )
-        return self.prefix_slots + (limit if tokens is None else tokens)
+        if tokens is None or self.fixed_capacity:
+            return self.capacity
+        return self.prefix_slots + tokens
 
     def sequence_rows(self, sequences: Sequence[int] | np.ndarray) -> np.ndarray:
         """Indices along a cache tensor's first axis that hold `sequences`, in their order:
@@ -267,6 +281,8 @@ class Contract:
             contract.cache_layout == "heads" and isinstance(contract.max_length, int) and contract.max_length > 0
         ):
             raise BundleError(f"contract version {contract.version} needs the heads layout and a positive max_length")
+        if contract.fixed_capacity and not contract.cache.in_place:
+            raise BundleError(f"contract version {contract.version} has no fixed capacity to declare")
         return contract
 
 

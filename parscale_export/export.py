@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,11 +55,11 @@ CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 4
 
 Log = Callable[[str], None]
-# --genai without --cache: contract v3, the fastest in genai (issue 10's tables).
-GENAI_CACHE = "gqa"
-# --max-length left unset: the model's context, capped, because genai allocates a request's whole
-# max_length up front when the request names none (v2/v3), and a ParScale cache is P times a
-# plain model's (1.8B P=8 in fp32: 0.56 MiB a token, 2.3 GiB at 4096).
+# convert without --cache: contract v3, in place and reading only the slots in use (issue 20).
+DEFAULT_CACHE = "gqa"
+# --max-length left unset: the model's context, capped, because genai allocates a sequence's whole
+# capacity up front, and a ParScale cache is P times a plain model's (1.8B P=8 in fp32: 0.56 MiB
+# a token, 2.3 GiB at 4096).
 DEFAULT_MAX_LENGTH = 4096
 
 
@@ -215,15 +215,17 @@ def _tensor_scatter(buffer, update, start):
 @dataclass(frozen=True)
 class ExportOptions:
     """What a convert makes, checked when built, so that a family refuses bad options before its
-    first export. `genai` declares the cache as [batch, P*kv_heads, seq, head_dim] and adds
-    genai_config.json, so that onnxruntime-genai loads the bundle as it is. `quantize` ("int8" or
-    "int4") turns the linear layers' weights into MatMulNBits blocks after export. `cache`
-    "dynamic" writes contract v1; "static" v2 (fixed buffers of at most `max_length` tokens,
-    written in place); "gqa" v3 (the same buffers under ONNX Runtime's GroupQueryAttention). Left
-    unset it is "dynamic", or "gqa" with `genai`: v3 decodes faster than v1 in genai at every
-    context measured (issue 10). `max_length` left unset is the model's context, at most
-    DEFAULT_MAX_LENGTH. `opset` (default: the contract's, 23 for v1 and v3, 24 for v2) below 23
-    writes attention and normalisation from primitive ops, for older runtimes (contract v1 only)."""
+    first export. `cache` "gqa" (the default) writes contract v3: fixed buffers of at most
+    `max_length` tokens a sequence, written in place and read by ONNX Runtime's
+    GroupQueryAttention; "static" v2 (the same buffers under ONNX's own Attention, which reads the
+    whole buffer); "dynamic" v1 (the cache grows by concatenation, for runtimes without the
+    in-place ops). `max_length` left unset is the model's context, at most DEFAULT_MAX_LENGTH.
+    `genai` adds genai_config.json, so that onnxruntime-genai loads the bundle as it is, and
+    declares the buffers' capacity as a number (genai then allocates exactly that). `quantize`
+    ("int8" or "int4") turns the linear layers' weights into MatMulNBits blocks after export.
+    `opset` (default: the contract's, 23 for v1 and v3, 24 for v2) below 23 writes attention and
+    normalisation from primitive ops, for older runtimes: contract v1 only, so an `opset` below
+    the default contract's implies `cache` "dynamic" (`note` says so)."""
 
     dtype: str = "fp32"
     genai: bool = False
@@ -231,6 +233,7 @@ class ExportOptions:
     opset: int | None = None
     cache: str | None = None
     max_length: int | None = None
+    note: str | None = field(default=None, init=False, compare=False)  # why `cache` is not the default
 
     def __post_init__(self) -> None:
         if self.dtype not in EXPORT_DTYPES:
@@ -239,14 +242,19 @@ class ExportOptions:
             raise OutputError(f"--quantize {self.quantize!r} is not supported; choose one of {', '.join(BITS)}")
         if self.cache is not None and self.cache not in CACHE_NAMES:
             raise OutputError(f"--cache {self.cache!r} is not supported; choose one of {', '.join(CACHE_NAMES)}")
-        if self.dtype == "bf16" and (self.quantize or self.genai or self.cache not in (None, "dynamic")):
+        if self.dtype == "bf16" and self.quantize:
             raise UsageError(
-                f"--dtype bf16 goes with neither --quantize, --genai nor --cache {self.cache} yet: none of them has "
-                "been run on a GPU with bfloat16 (ONNX Runtime's CPU provider has no bfloat16 kernels); use fp16"
+                "--dtype bf16 does not go with --quantize yet: MatMulNBits over bfloat16 has not been run on a GPU "
+                "(ONNX Runtime's CPU provider has no bfloat16 kernels); quantize from fp16 or fp32"
             )
-        chosen = self.cache is not None
-        if not chosen:  # frozen: the one place the default is filled in
-            object.__setattr__(self, "cache", GENAI_CACHE if self.genai else "dynamic")
+        if self.cache is None:  # frozen: the one place the default is filled in
+            default = CACHE_KINDS[CACHE_NAMES[DEFAULT_CACHE]]
+            cache = DEFAULT_CACHE
+            if self.opset is not None and self.opset < default.opset:
+                cache = "dynamic"
+                why = f"--opset {self.opset} implies --cache dynamic (--cache {DEFAULT_CACHE} needs {default.opset})"
+                object.__setattr__(self, "note", why)
+            object.__setattr__(self, "cache", cache)
         kind = self.kind
         fixed = [name for name, version in CACHE_NAMES.items() if CACHE_KINDS[version].in_place]
         if not kind.in_place and self.max_length is not None:
@@ -254,12 +262,7 @@ class ExportOptions:
         if self.max_length is not None and self.max_length < 1:
             raise OutputError(f"--max-length {self.max_length} must be at least 1")
         if kind.in_place and self.opset not in (None, kind.opset):
-            if not chosen:
-                raise UsageError(
-                    f"--genai writes --cache {self.cache} (opset {kind.opset}) unless told otherwise: "
-                    f"add --cache dynamic to export at --opset {self.opset}"
-                )
-            raise UsageError(f"--cache {self.cache} needs opset {kind.opset}; drop --opset")
+            raise UsageError(f"--cache {self.cache} needs opset {kind.opset}; drop --opset, or add --cache dynamic")
         if not kind.in_place and self.opset is not None and self.opset not in OPSETS:
             raise OutputError(f"--opset {self.opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
 
@@ -285,7 +288,8 @@ DEFAULT_OPTIONS = ExportOptions()
 
 def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
     """The contract a convert writes: `cache` "dynamic" is version 1, "static" version 2, "gqa"
-    version 3 (both hold at most `max_length` tokens a sequence and always use the heads layout)."""
+    version 3 (both hold at most `max_length` tokens a sequence and always use the heads layout;
+    for genai the graph declares their capacity)."""
     in_place = options.kind.in_place
     return Contract(
         cache_layout="heads" if options.genai or in_place else "rows",
@@ -298,6 +302,7 @@ def contract_for(config: ModelConfig, options: ExportOptions) -> Contract:
         version=CACHE_NAMES[options.cache],
         prefix_slots=config.parscale_n_tokens if in_place else 0,
         max_length=options.max_length_for(config),
+        fixed_capacity=in_place and options.genai,
     )
 
 
@@ -366,7 +371,8 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
     c = model.config
     batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
     dtype = model.lm_head.weight.dtype
-    length = contract.cache_slots(past + seq + 2) if contract.cache.in_place else past
+    # Traced with a small buffer even where the graph declares its capacity (_declare_shapes).
+    length = contract.prefix_slots + past + seq + 2 if contract.cache.in_place else past
     cache = tuple(torch.zeros(contract.cache_shape(batch, length), dtype=dtype) for _ in contract.past_names())
     args = (
         torch.zeros(batch, seq, dtype=torch.long),
@@ -405,7 +411,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
         _fuse_norms(program.model)
         log("  writing model.onnx and its external data")
         program.save(str(path), external_data=True)
-    _finish_proto(path, opset)
+    _finish_proto(path, opset, contract)
     if not (path.parent / DATA_FILE).is_file():
         raise BundleError(f"exporter did not write {DATA_FILE} beside {MODEL_FILE}")
 
@@ -423,8 +429,9 @@ def _fuse_norms(model) -> None:
             model.opset_imports[""] = opset
 
 
-def _finish_proto(path: Path, opset: int) -> None:
-    """Check the opset, declare the oldest IR version it needs, drop per-node stack traces.
+def _finish_proto(path: Path, opset: int, contract: Contract) -> None:
+    """Check the opset, declare the oldest IR version it needs and the contract's fixed axes, drop
+    per-node stack traces.
 
     The exporter writes IR version 10 whatever the opset; runtimes refuse IR versions newer than
     they know, so an opset-18 graph declares IR 8 (nothing in it needs more). The stack traces
@@ -438,7 +445,20 @@ def _finish_proto(path: Path, opset: int) -> None:
     proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(standard))
     for node in proto.graph.node:
         del node.metadata_props[:]
+    _declare_shapes(proto.graph, contract)
     onnx.save(proto, str(path))
+
+
+def _declare_shapes(graph: onnx.GraphProto, contract: Contract) -> None:
+    """Write the contract's numeric axes into the graph's inputs and outputs. The trace declares
+    a buffer's capacity as an axis; a contract that fixes it (genai bundles) says the number, which
+    ONNX Runtime then checks at every call and onnxruntime-genai reads to size its buffer."""
+    spec = contract.input_spec() | contract.output_spec()
+    for value in (*graph.input, *graph.output):
+        for dim, axis in zip(value.type.tensor_type.shape.dim, spec[value.name][1], strict=True):
+            if isinstance(axis, int) and dim.dim_value != axis:
+                dim.Clear()
+                dim.dim_value = axis
 
 
 def _manifest(

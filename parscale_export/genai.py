@@ -3,11 +3,14 @@
 genai drives the graph as if it were a plain Qwen2 with P*heads query heads and P*kv_heads
 key/value heads: the bundle's cache is declared [batch, P*kv_heads, seq, head_dim] (contract
 cache_layout "heads"). Contract v1: the prefix lives inside the graph and present length =
-total length. Contract v2: genai allocates one buffer of max_length slots per cache tensor and
-binds it as past and present (`past_present_share_buffer`); our graph also keeps the T prefix
-slots there, so a genai max_length of L holds L - T tokens (a longer run stops with ONNX
-Runtime's error, never a silent wrap). Contract v3 is bound the same way; its attention reads
-only the slots in use, where v2's reads the whole buffer.
+total length. Contracts v2 and v3 (in place): genai binds one buffer per cache tensor as past and
+present (`past_present_share_buffer`). Our graph keeps the T prefix slots there too, so the
+graph declares the buffer's length as a number, T + max_length (`Contract.fixed_capacity`):
+genai then allocates exactly that, whatever max_length a request sets, and refuses a
+max_length above `context_length` (= max_length) with its own clear error. A buffer sized by
+max_length would overflow T slots before the end (ONNX Runtime's GroupQueryAttention fails on
+the first call when max_length is prompt + new tokens, as genai's examples set it). v3's
+attention reads only the slots in use, v2's the whole buffer.
 
 Threads: unless told, genai gives a session half the logical CPUs (it assumes two hardware
 threads per core), so a machine without SMT siblings, like a 2-vCPU VM, decodes on one thread.
@@ -72,26 +75,24 @@ def genai_config(
         "num_hidden_layers": config.num_layers,
         "num_key_value_heads": n * config.num_kv_heads,
     }
-    assert contract.cache_layout == "heads", "genai needs the heads cache layout"
-    # genai sizes a shared buffer by max_length: leave room for the prefix's slots too.
-    length = contract.max_length + contract.prefix_slots if contract.cache.in_place else config.max_position_embeddings
-    if not contract.cache.in_place:
+    assert contract.cache_layout == "heads", "genai needs the heads layout"
+    if contract.cache.in_place:
+        # The graph declares the buffers' capacity (T + max_length slots): genai allocates exactly
+        # that whatever max_length a request sets, and refuses one above context_length.
+        assert contract.fixed_capacity, "genai sizes an undeclared buffer by max_length, leaving no room for the prefix"
+        length = contract.max_length
+        size = len(contract.past_names()) * math.prod(contract.cache_shape(1, contract.capacity)) * contract.itemsize
         notes.append(
-            "--cache gqa (contract v3, what --genai writes unless told otherwise) decodes faster in genai at every "
-            "context we measured; genai then allocates a request's max_length slots up front, where this cache "
-            "grows with the sequence"
+            f"genai allocates {contract.capacity} slots ({human_size(size)}) a sequence, whatever max_length a "
+            f"request sets, and refuses a max_length above {length} (prompt + new tokens); convert with another "
+            "--max-length to change both"
         )
     else:
-        size = len(contract.past_names()) * math.prod(contract.cache_shape(1, length)) * contract.itemsize
-        notes.append(
-            f"genai allocates a request's cache at its max_length, {length} slots ({human_size(size)} a "
-            f"sequence) when the request names none: set max_length to prompt + new tokens + {contract.prefix_slots}"
-            " (the prefix's slots), or convert with a smaller --max-length"
-        )
+        length = config.max_position_embeddings
     if contract.cache.attention == "scatter":
         notes.append(
-            "contract v2's attention reads the whole buffer at every decode step: give requests a max_length close "
-            "to what they will use, or convert with --cache gqa, whose attention reads only the slots in use"
+            "contract v2's attention reads the whole buffer at every decode step, however short the sequence: "
+            "the default cache (gqa, contract v3) reads only the slots in use"
         )
     model = {
         "bos_token_id": bos,

@@ -202,7 +202,8 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
     if manifest.contract.cache.in_place:
         raise BundleError(
             f"{options.bundle}: serve's continuous batching moves cache rows of contract v1 only; "
-            f"this bundle is contract v{manifest.contract.version}; convert with the default --cache dynamic to serve"
+            f"this bundle is contract v{manifest.contract.version} (the default in-place cache); convert with "
+            "--cache dynamic to serve it"
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = options.address is None

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-from genai_generate import prefix_slots  # this script's folder is on sys.path
 
 
-def prefilled(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> og.Generator:
+def prefilled(model: og.Model, prompt: np.ndarray, steps: int) -> og.Generator:
     """A greedy generator after `prompt` and the prefill's token, forced to last `steps` more
-    tokens (EOS must not end a timing)."""
+    tokens (EOS must not end a timing). max_length is prompt + new tokens, as genai's examples set it."""
     params = og.GeneratorParams(model)
-    length = prompt.shape[1] + steps + 1 + extra_slots
+    length = prompt.shape[1] + steps + 1
     params.set_search_options(do_sample=False, max_length=length, min_length=length)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)
@@ -38,9 +37,9 @@ def prefilled(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int)
     return generator
 
 
-def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[float, list[int]]:
+def decode(model: og.Model, prompt: np.ndarray, steps: int) -> tuple[float, list[int]]:
     """Seconds per decode step after `prompt` (the prefill not timed), and the greedy tokens."""
-    generator = prefilled(model, prompt, steps, extra_slots)
+    generator = prefilled(model, prompt, steps)
     tokens = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -49,9 +48,9 @@ def decode(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) ->
     return (time.perf_counter() - start) / steps, tokens
 
 
-def greedy_logits(model: og.Model, prompt: np.ndarray, steps: int, extra_slots: int) -> tuple[list[int], np.ndarray]:
+def greedy_logits(model: og.Model, prompt: np.ndarray, steps: int) -> tuple[list[int], np.ndarray]:
     """The timed steps' greedy tokens and their logits, untimed (copying logits costs time)."""
-    generator = prefilled(model, prompt, steps, extra_slots)
+    generator = prefilled(model, prompt, steps)
     tokens, logits = [], []
     for _ in range(steps):
         generator.generate_next_token()
@@ -83,7 +82,7 @@ def parting(first: tuple[list[int], np.ndarray], other: tuple[list[int], np.ndar
 
 def explain(models: dict[Path, og.Model], prompt: np.ndarray, steps: int, context: int) -> dict[str, dict]:
     """`parting` of every bundle from the first, printed and returned by bundle."""
-    runs = {path: greedy_logits(model, prompt, steps, prefix_slots(path)) for path, model in models.items()}
+    runs = {path: greedy_logits(model, prompt, steps) for path, model in models.items()}
     first, *others = runs
     partings = {}
     for path in others:
@@ -114,7 +113,7 @@ def main() -> None:
         tokens: dict[Path, list[int]] = {}
         for _ in range(args.rounds):
             for path, model in models.items():
-                seconds, tokens[path] = decode(model, prompt, args.steps, prefix_slots(path))
+                seconds, tokens[path] = decode(model, prompt, args.steps)
                 rounds[path].append(seconds)
         best = {path: min(times) for path, times in rounds.items()}
         agree = len({tuple(t) for t in tokens.values()}) == 1

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-from genai_generate import prefix_slots  # this script's folder is on sys.path
 
 
-def alone(model: og.Model, prompt: np.ndarray, new: int, prefix_slots: int) -> list[int]:
-    """A contract-v2 bundle keeps the learned prefix in genai's buffer, whose length is
-    max_length: leave room for its slots, and stop after the tokens asked for."""
+def alone(model: og.Model, prompt: np.ndarray, new: int) -> list[int]:
+    """The request alone in an og.Generator, max_length = prompt + new tokens as genai's examples set it."""
     params = og.GeneratorParams(model)
     length = len(prompt) + new
-    params.set_search_options(do_sample=False, max_length=length + prefix_slots, min_length=length)
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt[None])
     tokens: list[int] = []
@@ -85,14 +82,13 @@ def main() -> None:
     args = parser.parse_args()
     prompts = [np.array(p.split(), dtype=np.int32) for p in args.prompts.split(",")]
     news = [int(n) for n in args.max_new.split(",")]
-    prefix = prefix_slots(Path(args.bundle))
     config = og.Config(args.bundle)
     if args.share_buffer is not None:
         config.overlay(json.dumps({"search": {"past_present_share_buffer": args.share_buffer}}))
     model = og.Model(config)
     result = {
         "engine": batched(model, prompts, news, args.stagger),
-        "alone": [alone(model, p, n, prefix) for p, n in zip(prompts, news, strict=True)],
+        "alone": [alone(model, p, n) for p, n in zip(prompts, news, strict=True)],
     }
     print(json.dumps(result))
 

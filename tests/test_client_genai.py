@@ -1,4 +1,7 @@
-"""A bundle made with --genai runs unchanged in onnxruntime-genai's own generator.
+"""Client conformance, onnxruntime-genai: bundles made with --genai, driven as genai's own
+examples drive a model (og.Generator with max_length = prompt + new tokens or unset; og.Engine
+with requests of mixed lengths joining and finishing at different times), give the official
+tokens in every layout the CLI writes.
 
 genai brings its own onnxruntime, so it lives in a separate virtual environment; `make test`
 creates it and names its Python in PARSCALE_GENAI_PYTHON.
@@ -6,6 +9,7 @@ creates it and names its Python in PARSCALE_GENAI_PYTHON.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -15,55 +19,95 @@ import pytest
 from conftest import CONFORMANCE, ROOT, TINY, drifted_copy, official
 from parscale_export.cli.main import main
 
+from parscale_export.reference import Reference
 from parscale_export.runtime import Runtime
 
 GENAI_PYTHON = os.environ.get("PARSCALE_GENAI_PYTHON")
 pytestmark = pytest.mark.skipif(not GENAI_PYTHON, reason="PARSCALE_GENAI_PYTHON not set (make test sets it)")
 
 
-def genai_greedy(bundle, ids, steps: int) -> list[int]:
+def genai_generate(bundle, prompts: list[list[int]], new: int, max_length: str = "exact", no_eos: bool = True):
+    """genai's Generator on each prompt alone, as its examples drive a model (scripts/genai_generate.py):
+    the tokens per prompt, or genai's error (a CompletedProcess) when it refuses."""
     script = ROOT / "scripts" / "genai_generate.py"
-    args = [GENAI_PYTHON, str(script), str(bundle), "--input-ids", " ".join(map(str, ids)), "-n", str(steps)]
-    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    args = [GENAI_PYTHON, str(script), str(bundle), "-n", str(new), "--max-length", max_length]
+    args += [a for p in prompts for a in ("--input-ids", " ".join(map(str, p)))] + (["--no-eos"] if no_eos else [])
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return done
     return json.loads(done.stdout.strip().splitlines()[-1])["tokens"]
+
+
+def genai_greedy(bundle, ids, steps: int) -> list[int]:
+    tokens = genai_generate(bundle, [list(map(int, ids))], steps, no_eos=False)
+    assert isinstance(tokens, list), tokens.stderr[-2000:]
+    return tokens[0]
+
+
+# What `convert --genai` writes by default, and with each --cache.
+LAYOUTS = {"default": [], "static": ["--cache", "static"], "dynamic": ["--cache", "dynamic"]}
+MAX_LENGTH = 24  # the in-place bundles' --max-length: small, so that a run reaches it quickly
+
+
+def _synthetic(root, n: int):
+    """P=3 and P=8 with the released T=48 (a short context, so v1's runs to the end stay short)."""
+    from parscale_export.synthetic import parscale_config, write_checkpoint
+
+    config = parscale_config(parscale_n=n, parscale_n_tokens=48, max_position_embeddings=40)
+    return write_checkpoint(root / f"p{n}-t48", config, seed=n)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("genai-checkpoints")
+    named = {
+        n: CONFORMANCE / name
+        for n, name in ((1, "p1_plain_mqa"), (2, "p2_gqa_bf16_sharded"), (4, "p4_mha_tied_nosmooth"))
+    }
+    return named | {n: _synthetic(root, n) for n in (3, 8)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_genai_generator_as_its_examples_drive_it(n: int, layout: str, checkpoints: dict, tmp_path) -> None:
+    """Every bundle --genai writes, driven as genai's examples drive a model, gives the reference's
+    greedy tokens: max_length = prompt + new tokens, max_length unset, and a run to the config's
+    max_length; a longer max_length is refused by genai with its own clear error."""
+    checkpoint, out = checkpoints[n], tmp_path / "bundle"
+    length = ["--max-length", str(MAX_LENGTH)] if layout != "dynamic" else []
+    assert main(["convert", str(checkpoint), "-o", str(out), "--genai", *LAYOUTS[layout], *length]) == 0
+    limit = json.loads((out / "genai_config.json").read_text())["search"]["max_length"]
+    reference = Reference.from_checkpoint(checkpoint)
+    vocab = reference.model.config.vocab_size
+    prompts = [np.random.default_rng(n).integers(1, vocab, size=size).tolist() for size in (5, 11)]
+
+    def greedy(prompt: list[int], steps: int) -> list[int]:
+        return reference.greedy(np.array([prompt]), np.ones((1, len(prompt)), np.int64), steps)[0].tolist()
+
+    if (checkpoint / "reference.npz").is_file():  # the official code's own tokens, where we have them
+        ref = official(checkpoint.name)
+        rows = [ids[mask == 1].tolist() for ids, mask in zip(ref["input_ids"], ref["attention_mask"], strict=True)]
+        assert genai_generate(out, rows, ref["step_tokens"].shape[1]) == ref["step_tokens"].tolist()
+    want = [greedy(p, 6) for p in prompts]
+    assert genai_generate(out, prompts, 6) == want  # max_length = prompt + new, exactly
+    assert genai_generate(out, prompts, 6, max_length="unset") == want
+    to_the_end = genai_generate(out, prompts, limit, max_length="unset")
+    assert to_the_end == [greedy(p, limit - len(p)) for p in prompts]
+    refused = genai_generate(out, prompts[:1], 6, max_length=str(limit + 1))
+    assert refused.returncode != 0 and f"cannot be greater than model context_length ({limit})" in refused.stderr
 
 
 @pytest.fixture(scope="module")
 def genai_bundles(tmp_path_factory) -> dict:
+    """Contract v1 --genai bundles (--cache dynamic), by checkpoint name."""
     root = tmp_path_factory.mktemp("genai")
     made = {}
     names = ("p1_plain_mqa", "p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth")
     for ckpt in (*(CONFORMANCE / name for name in names), TINY):
         out = root / ckpt.name
-        assert main(["convert", str(ckpt), "-o", str(out), "--genai", "--cache", "dynamic"]) == 0  # contract v1
+        assert main(["convert", str(ckpt), "-o", str(out), "--genai", "--cache", "dynamic"]) == 0
         made[ckpt.name] = out
     return made
-
-
-@pytest.mark.parametrize("cache", ["static", "gqa"])
-@pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
-def test_genai_drives_in_place_contracts_with_a_shared_buffer(name: str, cache: str, tmp_path) -> None:
-    out = tmp_path / name
-    assert main(["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", cache,
-                 "--max-length", "32"]) == 0  # fmt: skip
-    config = json.loads((out / "genai_config.json").read_text())
-    assert config["search"]["past_present_share_buffer"] is True
-    assert (
-        config["search"]["max_length"]
-        == 32 + json.loads((out / "manifest.json").read_text())["model"]["parscale_n_tokens"]
-    )
-    ref = official(name)
-    for row in range(3):
-        ids = ref["input_ids"][row][ref["attention_mask"][row] == 1]
-        assert genai_greedy(out, ids, ref["step_tokens"].shape[1]) == ref["step_tokens"][row].tolist()
-
-
-@pytest.mark.parametrize("name", ["p2_gqa_bf16_sharded", "p4_mha_tied_nosmooth"])
-def test_genai_gives_the_official_greedy_tokens(name: str, genai_bundles: dict) -> None:
-    ref = official(name)
-    for row in range(3):
-        ids = ref["input_ids"][row][ref["attention_mask"][row] == 1]
-        assert genai_greedy(genai_bundles[name], ids, ref["step_tokens"].shape[1]) == ref["step_tokens"][row].tolist()
 
 
 def test_genai_bundle_keeps_our_runtime_working(genai_bundles: dict) -> None:
@@ -102,34 +146,36 @@ ENGINE_CASES = [
 
 
 @pytest.fixture(scope="module")
-def static_genai_bundles(tmp_path_factory) -> dict:
-    """--genai bundles of the in-place contracts, by (cache, checkpoint name)."""
-    root = tmp_path_factory.mktemp("genai-static")
+def engine_bundles(tmp_path_factory, checkpoints: dict) -> dict:
+    """--genai bundles for the Engine, by (cache, P): v1 with genai's config as written, the in-place ones."""
+    root = tmp_path_factory.mktemp("genai-engine")
     made = {}
-    for cache in ("static", "gqa"):
-        for name in ("p1_plain_mqa", "p4_mha_tied_nosmooth"):
-            out = root / f"{cache}-{name}"
-            args = ["convert", str(CONFORMANCE / name), "-o", str(out), "--genai", "--cache", cache]
-            assert main([*args, "--max-length", "64"]) == 0
-            made[cache, name] = out
+    for cache, n in itertools.product(("dynamic", "static", "gqa"), (1, 4, 8)):
+        out = root / f"{cache}-p{n}"
+        length = ["--max-length", "64"] if cache != "dynamic" else []
+        assert main(["convert", str(checkpoints[n]), "-o", str(out), "--genai", "--cache", cache, *length]) == 0
+        made[cache, n] = out
     return made
 
 
 @pytest.mark.parametrize(("cache", "flags"), ENGINE_CASES)
-@pytest.mark.parametrize("name", ["p1_plain_mqa", "p4_mha_tied_nosmooth"])
+@pytest.mark.parametrize("n", [1, 4, 8])
 def test_genai_engine_batches_requests_exactly(
-    name: str, cache: str, flags: tuple, genai_bundles: dict, static_genai_bundles: dict
+    n: int, cache: str, flags: tuple, engine_bundles: dict, checkpoints: dict
 ) -> None:
     """genai's Engine pads a batch of mixed prompt lengths on the right, leaves garbage in a
-    cache row's padded columns and keeps finished rows: each request must still get exactly
-    the tokens it gets alone, from bundles of every contract alike."""
+    cache row's padded columns and keeps finished rows: each request must still get the
+    official tokens (those it gets alone, which are the reference's), from bundles of every
+    contract alike, requests submitted together or joining one per step."""
+    reference = Reference.from_checkpoint(checkpoints[n])
     rng = np.random.default_rng(0)
-    vocab = official(name)["prefill_logits"].shape[-1]
-    prompts = [rng.integers(1, vocab, size=n).tolist() for n in (5, 9, 13, 7)]
-    bundle = genai_bundles[name] if cache == "dynamic" else static_genai_bundles[cache, name]
-    result = genai_engine(bundle, prompts, [10, 4, 10, 6], *flags)
-    assert [len(t) for t in result["engine"]] == [10, 4, 10, 6]
+    prompts = [rng.integers(1, reference.model.config.vocab_size, size=size).tolist() for size in (5, 9, 13, 7)]
+    news = [10, 4, 10, 6]
+    result = genai_engine(engine_bundles[cache, n], prompts, news, *flags)
+    assert [len(t) for t in result["engine"]] == news
     assert result["engine"] == result["alone"]
+    for prompt, new, tokens in zip(prompts, news, result["alone"], strict=True):
+        assert tokens == reference.greedy(np.array([prompt]), np.ones((1, len(prompt)), np.int64), new)[0].tolist()
 
 
 def test_genai_runs_every_p_of_a_family(tmp_path) -> None:
