@@ -154,6 +154,7 @@ class Runtime(Stepper):
             raise BundleError(
                 f"{self.manifest.model_path}: graph inputs do not follow contract v{self.contract.version}"
             )
+        self._copier: ort.InferenceSession | None = None  # copy_row's graph, made on first use
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
         """One call of the graph. Contract v1 on CPU runs on numpy. Otherwise the cache lives in
@@ -212,6 +213,50 @@ class Runtime(Stepper):
         allocate = ort.OrtValue.ortvalue_from_shape_and_type
         return [allocate(shape, self.contract.onnx_element_type, "cuda", 0) for _ in self.contract.past_names()]
 
+    def run_rows(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, buffers: list[ort.OrtValue], first: int
+    ) -> np.ndarray:
+        """One call over rows [first, first + batch) of in-place buffers (contracts v2, v3), each
+        [rows, P*KV, capacity, D] as `empty_past(rows)` allocates them: those rows are bound by
+        address as both past and present, so nothing is copied and no other row is read or
+        written. Returns the logits. Rows may be padded on the right (model.PackedSlots)."""
+        if not self.contract.cache.in_place:
+            raise BundleError(f"contract v{self.contract.version} has no fixed buffers to run rows of")
+        batch, seq = input_ids.shape
+        self.contract.check_room(cache_slots(buffers[0]), attention_mask.shape[1])
+        self.contract.check_call(batch, seq, attention_mask.shape[1])
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position_ids", positions(attention_mask, seq))
+        binding.bind_output("logits", "cpu")
+        element = self.contract.onnx_element_type
+        for past_name, present_name, buffer in zip(
+            self.contract.past_names(), self.contract.present_names(), buffers, strict=True
+        ):
+            shape, address = row_span(buffer, first, batch)
+            binding.bind_input(past_name, self.provider, 0, element, shape, address)
+            binding.bind_output(present_name, self.provider, 0, element, shape, address)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def copy_row(self, buffers: list[ort.OrtValue], source: int, target: int, slots: int) -> None:
+        """Copy the first `slots` slots of row `source` into row `target` of every buffer, where
+        the buffers live (on the device under CUDA): one sequence's cache, nothing else."""
+        if self._copier is None:
+            _, heads, _, head_dim = self.contract.cache_shape(1, 0)
+            graph = _row_copier(self.contract.onnx_element_type, heads, head_dim)
+            self._copier = ort.InferenceSession(graph, providers=provider_list(self.provider))
+        element = self.contract.onnx_element_type
+        for buffer in buffers:
+            (shape, source_at), (_, target_at) = row_span(buffer, source, 1), row_span(buffer, target, 1)
+            binding = self._copier.io_binding()
+            binding.bind_input("source", self.provider, 0, element, shape, source_at)
+            binding.bind_input("target", self.provider, 0, element, shape, target_at)
+            binding.bind_cpu_input("slots", np.array([slots], dtype=np.int64))
+            binding.bind_output("copied", self.provider, 0, element, shape, target_at)
+            self._copier.run_with_iobinding(binding)
+
     def placement(self) -> Placement:
         """Stop profiling and say which provider ran each op type so far. Needs `profile=True`
         and at least one call; the profile file is removed."""
@@ -239,3 +284,41 @@ def load_family(
         raise BundleError(f"{bundle_dir}: not a family bundle (it holds P={manifest.contract.parscale_n} only)")
     shared = SharedWeights(bundle_dir)
     return {p: Runtime(bundle_dir, provider, threads, parallel=p, shared=shared) for p in sizes or manifest.family}
+
+
+# Serving an in-place cache (contracts v2, v3) row by row: parscale_export.rows.RowBatcher.
+
+
+def row_span(buffer: ort.OrtValue, first: int, count: int) -> tuple[list[int], int]:
+    """Shape and address of rows [first, first + count) of a buffer [rows, ...]: a buffer's rows
+    lie one after another, so any run of them is a tensor of its own, with no copy."""
+    rows, *rest = buffer.shape()
+    if not 0 <= first <= first + count <= rows:
+        raise ValueError(f"rows [{first}, {first + count}) are outside a buffer of {rows}")
+    return [count, *rest], buffer.data_ptr() + first * (buffer.tensor_size_in_bytes() // rows)
+
+
+def _row_copier(element_type: int, heads: int, head_dim: int) -> bytes:
+    """A graph that copies the first `slots` slots of one row [1, heads, capacity, head_dim] into
+    another, in place: TensorScatter writes them into `target`, whose present is bound to the
+    same memory, so only those slots move."""
+    from onnx import TensorProto, helper
+
+    row = [1, heads, "capacity", head_dim]
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value_ints=[0]),
+        helper.make_node("Constant", [], ["axis"], value_ints=[2]),
+        helper.make_node("Slice", ["source", "zero", "slots", "axis"], ["part"]),
+        helper.make_node("TensorScatter", ["target", "part"], ["copied"], axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "row_copier",
+        [
+            helper.make_tensor_value_info("source", element_type, row),
+            helper.make_tensor_value_info("target", element_type, row),
+            helper.make_tensor_value_info("slots", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("copied", element_type, row)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)], ir_version=10).SerializeToString()
