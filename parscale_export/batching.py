@@ -1,7 +1,15 @@
 """Continuous batching over a Stepper: requests join the running batch at step boundaries and
 leave it as they finish, so a server never runs one request while others wait.
 
-One step:
+`Scheduler` is what every layout shares: the bounded queue, the stepping thread's loop, and one
+error boundary per step. How a step uses the cache is the contract's business, chosen in one
+place (rows.batcher_for):
+- `Batcher` (contract v1, a cache that grows by concatenation) merges every running sequence's
+  cache into one left-padded batch on the host, below;
+- rows.RowBatcher (contracts v2 and v3, fixed in-place buffers) gives each request a row of
+  one buffer, and moves nothing when another joins or leaves.
+
+Batcher's step:
   1. decode one token for every running sequence (one call over the whole batch);
   2. prefill the requests admitted at this boundary (one call, left-padded among themselves);
   3. rebuild the batch: finished rows leave, new rows join. Caches and masks are left-padded
@@ -14,9 +22,8 @@ contract's business (Contract.take_sequences / join_sequences), not this module'
 Each request has its own sampling settings and random generator (generate.choose), so its
 tokens are those of the same request run alone through generate.generate.
 
-No torch and no ray: numpy and a Stepper. `Batcher.run` is meant for a thread of its own;
-`submit` and `Ticket.cancel` may be called from any thread, and the callbacks run in the
-batcher's thread.
+No torch and no ray: numpy and a Stepper. `run` is meant for a thread of its own; `submit` and
+`Ticket.cancel` may be called from any thread, and the callbacks run in the stepping thread.
 """
 
 from __future__ import annotations
@@ -68,6 +75,10 @@ class Ticket:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self) -> None:
         self._cancelled = True
 
@@ -98,11 +109,11 @@ class Ticket:
             self.request.on_finish(reason, detail)
 
 
-class Batcher:
-    """Runs every admitted request in one batch, one decode step at a time.
-
-    At most `max_batch` sequences run at once; at most `max_queue` wait for a row, more is
-    refused (QueueFull) rather than queued without bound."""
+class Scheduler:
+    """The queue and the stepping loop every layout shares. At most `max_batch` sequences run at
+    once; at most `max_queue` wait for a row, more is refused (QueueFull) rather than queued
+    without bound. A layout supplies `_advance` (one step's calls), `_in_flight` (the tickets it
+    holds) and `_reset` (forget them all after the engine failed)."""
 
     def __init__(
         self,
@@ -119,15 +130,13 @@ class Batcher:
         self.eos_ids, self.pad_id = frozenset(eos_ids), pad_id
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: deque[Ticket] = deque()
-        self._running: list[Ticket] = []  # touched by the stepping thread only
-        self._state: State | None = None  # the running rows' mask and cache, in _running's order
         self._wake = threading.Condition()
         self._closed = False
 
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) sequences, for health reports."""
-        return len(self._running), len(self._waiting)
+        return len(self._in_flight()), len(self._waiting)
 
     def submit(self, requests: Sequence[Request]) -> list[Ticket]:
         """Queue `requests`, all or none; QueueFull when they would not fit in the queue."""
@@ -152,12 +161,12 @@ class Batcher:
         """Step until close(), sleeping while there is nothing to do; then cancel what is left."""
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self._in_flight():
                     self._wake.wait()
                 if self._closed:
                     break
             self.step()
-        for ticket in [*self._running, *self._waiting]:
+        for ticket in [*self._in_flight(), *self._waiting]:
             ticket._finish(CANCELLED)
 
     def close(self) -> None:
@@ -168,23 +177,63 @@ class Batcher:
     def step(self) -> bool:
         """One step boundary and one token for every running sequence; False when idle."""
         with self._wake:
-            for ticket in [t for t in self._waiting if t._cancelled]:
+            for ticket in [t for t in self._waiting if t.cancelled]:
                 self._waiting.remove(ticket)
                 ticket._finish(CANCELLED)
-            room = self.max_batch - len(self._running)
-            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        if not self._running and not admitted:
-            return False
+            if not self._waiting and not self._in_flight():
+                return False
         try:
-            if self._running:
-                self._decode()
-            joining = self._prefill(admitted) if admitted else None
-            self._rebuild(admitted, joining)
+            self._advance()
         except Exception as exc:  # the engine failed: fail this batch, keep serving the next
-            for ticket in [*self._running, *admitted]:
+            for ticket in self._in_flight():
                 ticket._finish(ERROR, f"{type(exc).__name__}: {exc}")
-            self._running, self._state = [], None
+            self._reset()
         return True
+
+    def _take(self, limit: int) -> list[Ticket]:
+        """Up to `limit` waiting tickets, oldest first."""
+        with self._wake:
+            return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
+
+    def _emit(self, tickets: Sequence[Ticket], last_logits: np.ndarray) -> None:
+        for row, ticket in enumerate(tickets):
+            ticket._push(ticket._choose(last_logits[row]), self.eos_ids)
+
+    def _advance(self) -> None:
+        raise NotImplementedError
+
+    def _in_flight(self) -> list[Ticket]:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(Scheduler):
+    """Contract v1: every admitted request runs in one left-padded batch whose cache is merged
+    on the host when requests join and cut back when they leave."""
+
+    def __init__(self, engine: Stepper, contract: Contract, *args, **kwargs) -> None:
+        if contract.cache.in_place:
+            raise ValueError(f"contract v{contract.version} keeps its cache in place: serve it with rows.RowBatcher")
+        super().__init__(engine, contract, *args, **kwargs)
+        self._running: list[Ticket] = []  # touched by the stepping thread only
+        self._joining: list[Ticket] = []  # admitted at this boundary, not yet in the batch
+        self._state: State | None = None  # the running rows' mask and cache, in _running's order
+
+    def _in_flight(self) -> list[Ticket]:
+        return [*self._running, *self._joining]
+
+    def _reset(self) -> None:
+        self._running, self._joining, self._state = [], [], None
+
+    def _advance(self) -> None:
+        self._joining = self._take(self.max_batch - len(self._running))
+        if self._running:
+            self._decode()
+        joining = self._prefill(self._joining) if self._joining else None
+        self._rebuild(self._joining, joining)
+        self._joining = []
 
     def _decode(self) -> None:
         tokens = np.array([[t.tokens[-1]] for t in self._running], dtype=np.int64)  # [B, 1]
@@ -196,10 +245,6 @@ class Batcher:
         logits, state = self.engine.prefill(ids, mask)
         self._emit(admitted, logits[:, -1])
         return state
-
-    def _emit(self, tickets: list[Ticket], last_logits: np.ndarray) -> None:
-        for row, ticket in enumerate(tickets):
-            ticket._push(ticket._choose(last_logits[row]), self.eos_ids)
 
     def _rebuild(self, admitted: list[Ticket], joining: State | None) -> None:
         """Drop finished rows, add the admitted ones that go on, cut the batch to its longest

@@ -1,6 +1,7 @@
 """Continuous batching without Ray: requests that join while others decode and leave early get
-exactly the tokens offline `generate` gives each of them alone, for P=1 and P>1, in both cache
-layouts; the batch really is shared; the queue bound holds."""
+exactly the tokens offline `generate` gives each of them alone, for P=1 and P>1, for contract v1
+(one merged batch, both cache layouts) and the in-place contracts v2 and v3 (a row per request,
+prefilled in chunks or whole); the batch really is shared; the queue bound holds."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from parscale_export.batching import Batcher, QueueFull, Request
 from parscale_export.contract import Contract
 from parscale_export.export import ExportOptions, convert
 from parscale_export.generate import Sampling, generate
+from parscale_export.rows import RowBatcher, batcher_for
 from parscale_export.runtime import Runtime
 from parscale_export.stepping import Stepper
 
@@ -32,10 +34,12 @@ SCRIPT = [
 
 
 class Recording(Stepper):
-    """A runtime that remembers the shape of every call."""
+    """A runtime that remembers the shape of every call (and, over rows, the first row it bound
+    and every row it copied)."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime, self.calls = runtime, []
+        self.runtime, self.calls, self.copies = runtime, [], []
+        self.rows: list[tuple[int, int, int, int]] = []  # (batch, new tokens, mask columns, first row)
 
     def run(self, input_ids, attention_mask, past):
         self.calls.append(input_ids.shape)
@@ -43,6 +47,15 @@ class Recording(Stepper):
 
     def empty_past(self, batch, tokens=None):
         return self.runtime.empty_past(batch, tokens)
+
+    def run_rows(self, input_ids, attention_mask, buffers, first):
+        self.calls.append(input_ids.shape)
+        self.rows.append((*input_ids.shape, attention_mask.shape[1], first))
+        return self.runtime.run_rows(input_ids, attention_mask, buffers, first)
+
+    def copy_row(self, buffers, source, target, slots):
+        self.copies.append((source, target, slots))
+        self.runtime.copy_row(buffers, source, target, slots)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +66,19 @@ def genai_tiny(tmp_path_factory) -> Runtime:
 
 
 def runtimes(bundle, genai_tiny) -> dict[str, Runtime]:
-    return {"p1": Runtime(bundle(CONFORMANCE / "p1_plain_mqa")), "p4": Runtime(bundle(TINY)), "p4-heads": genai_tiny}
+    return {
+        "p1": Runtime(bundle(CONFORMANCE / "p1_plain_mqa", cache="dynamic")),
+        "p4": Runtime(bundle(TINY, cache="dynamic")),
+        "p4-heads": genai_tiny,
+    }
 
 
-def run_script(runtime: Runtime, eos_ids: list[int], max_batch: int = 4) -> tuple[list[list[int]], Recording]:
+def run_script(
+    runtime: Runtime, eos_ids: list[int], max_batch: int = 4, prefill_chunk: int = 256
+) -> tuple[list[list[int]], Recording]:
     engine = Recording(runtime)
-    batcher = Batcher(engine, runtime.contract, eos_ids, runtime.manifest.pad_id, max_batch=max_batch)
+    pad_id = runtime.manifest.pad_id
+    batcher = batcher_for(engine, runtime.contract, eos_ids, pad_id, max_batch, prefill_chunk=prefill_chunk)
     streamed: list[list[int]] = [[] for _ in SCRIPT]
     finished: list[str] = [""] * len(SCRIPT)
     tickets, step = [], 0
@@ -75,7 +95,7 @@ def run_script(runtime: Runtime, eos_ids: list[int], max_batch: int = 4) -> tupl
                 tickets += batcher.submit([request])
         batcher.step()
         step += 1
-        assert step < 100
+        assert step < 300
     assert [t.tokens for t in tickets] == streamed, "streamed tokens differ from the final ones"
     assert all(finished), "every request is told it finished"
     return streamed, engine
@@ -100,7 +120,7 @@ def test_joining_and_leaving_requests_get_the_offline_tokens(name: str, bundle, 
 
 
 def test_max_batch_one_still_matches(bundle) -> None:
-    runtime = Runtime(bundle(TINY))
+    runtime = Runtime(bundle(TINY, cache="dynamic"))
     alone = [generate(runtime, [p], n, sampling=s)[0] for p, n, s, _ in SCRIPT]
     batched, engine = run_script(runtime, [], max_batch=1)
     assert batched == alone
@@ -108,7 +128,7 @@ def test_max_batch_one_still_matches(bundle) -> None:
 
 
 def test_queue_bound_refuses_instead_of_growing(bundle) -> None:
-    runtime = Runtime(bundle(TINY))
+    runtime = Runtime(bundle(TINY, cache="dynamic"))
     batcher = Batcher(runtime, runtime.contract, max_batch=2, max_queue=3)
     batcher.submit([Request([1, 2], 4) for _ in range(3)])
     with pytest.raises(QueueFull):
@@ -121,7 +141,7 @@ def test_queue_bound_refuses_instead_of_growing(bundle) -> None:
 
 
 def test_zero_tokens_and_cancel(bundle) -> None:
-    runtime = Runtime(bundle(TINY))
+    runtime = Runtime(bundle(TINY, cache="dynamic"))
     batcher = Batcher(runtime, runtime.contract, max_batch=4)
     reasons: list[str] = []
     zero, long, short = batcher.submit(
@@ -142,7 +162,7 @@ def test_zero_tokens_and_cancel(bundle) -> None:
 
 
 def test_engine_failure_fails_the_batch_and_serving_goes_on(bundle) -> None:
-    runtime = Runtime(bundle(TINY))
+    runtime = Runtime(bundle(TINY, cache="dynamic"))
 
     class Flaky(Recording):
         def run(self, input_ids, attention_mask, past):
@@ -183,3 +203,141 @@ def test_contract_moves_whole_sequences(layout: str) -> None:
     np.testing.assert_array_equal(view[:2, :, :2], 0)  # left padding is zeros
     np.testing.assert_array_equal(view[:2, :, 2:], per_sequence[[2, 0], :, -3:])
     np.testing.assert_array_equal(view[2], per_sequence[1])
+
+
+# Contracts v2 and v3: each request owns a row of one buffer (rows.RowBatcher).
+IN_PLACE = {"v3-p1": (CONFORMANCE / "p1_plain_mqa", "gqa"), "v3-p4": (TINY, "gqa"), "v2-p4": (TINY, "static")}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_rows_joining_and_leaving_get_the_offline_tokens(name: str, bundle) -> None:
+    checkpoint, cache = IN_PLACE[name]
+    runtime = Runtime(bundle(checkpoint, cache=cache))
+    alone = [generate(runtime, [p], n, sampling=s)[0] for p, n, s, _ in SCRIPT]
+    eos = alone[0][5]
+    alone_eos = [generate(runtime, [p], n, [eos], sampling=s)[0] for p, n, s, _ in SCRIPT]
+
+    batched, engine = run_script(runtime, [eos])
+    assert batched == alone_eos
+
+    # Whole prompts (the chunk is longer than any): a prefill's mask is as long as its input.
+    decodes = [(batch, first) for batch, seq, columns, first in engine.rows if columns > seq]
+    assert max(b for b, _ in decodes) == 4, "the rows should fill to max_batch"
+    assert {first for _, first in decodes} == {0}, "a decode step binds the decoding rows [0, n)"
+    prefills = [(batch, first) for batch, seq, columns, first in engine.rows if columns == seq]
+    assert {b for b, _ in prefills} == {1}, "each request prefills alone, over its own row"
+    assert len(prefills) == len(SCRIPT)
+    assert engine.copies, "a request that left from a middle row was replaced by the last one"
+    # Each copy moves one sequence: its prefix and its tokens, never the whole buffer.
+    capacity = runtime.contract.capacity
+    assert all(slots <= runtime.contract.prefix_slots + 17 < capacity for _, _, slots in engine.copies)
+
+
+@pytest.mark.parametrize("name", ["v3-p4", "v2-p4", "v3-p1"])
+def test_chunked_prefill_gives_the_unchunked_tokens(name: str, bundle) -> None:
+    checkpoint, cache = IN_PLACE[name]
+    runtime = Runtime(bundle(checkpoint, cache=cache))
+    whole, _ = run_script(runtime, [], prefill_chunk=0)
+    assert whole == [generate(runtime, [p], n, sampling=s)[0] for p, n, s, _ in SCRIPT]
+    for chunk in (1, 3):
+        chunked, engine = run_script(runtime, [], prefill_chunk=chunk)
+        assert chunked == whole, f"prefill_chunk {chunk}"
+        assert max(seq for _, seq in engine.calls) == chunk
+
+
+def test_a_long_prompt_does_not_stall_the_running_rows(bundle) -> None:
+    """While a 30-token prompt prefills 4 tokens a step, the running request gets a token every step."""
+    runtime = Runtime(bundle(TINY, cache="gqa"))
+    engine = Recording(runtime)
+    batcher = RowBatcher(engine, runtime.contract, max_batch=2, prefill_chunk=4)
+    (running,) = batcher.submit([Request([3, 1, 4], 12)])
+    batcher.step()
+    (joining,) = batcher.submit([Request(list(range(30)), 3)])
+    made = []
+    while not joining.tokens:
+        batcher.step()
+        made.append(len(running.tokens))
+    assert len(made) == 8  # ceil(30 / 4) steps of prefill, each after one decode step
+    assert made == list(range(2, 10))
+    while batcher.step():
+        pass
+    assert running.tokens == generate(runtime, [[3, 1, 4]], 12)[0]
+    assert joining.tokens == generate(runtime, [list(range(30))], 3)[0]
+
+
+def test_run_rows_reads_and_writes_its_rows_only(bundle) -> None:
+    runtime = Runtime(bundle(TINY, cache="gqa"))
+    buffers = runtime.empty_past(3)
+    before = [b.numpy() for b in buffers]
+    ids, mask = np.array([[5, 9, 13]]), np.ones((1, 3), np.int64)
+    logits = runtime.run_rows(ids, mask, buffers, 1)
+    np.testing.assert_array_equal(logits, runtime.run(ids, mask, runtime.empty_past(1, 3))[0])
+    used = runtime.contract.prefix_slots + 3
+    for old, new in zip(before, (b.numpy() for b in buffers), strict=True):
+        np.testing.assert_array_equal(new[[0, 2]], old[[0, 2]])  # the other rows are untouched
+        assert np.abs(new[1, :, :used]).min(axis=-1).max() > 0  # the prefix and the tokens are in
+        np.testing.assert_array_equal(new[1, :, used:], 0)
+
+    runtime.copy_row(buffers, 1, 2, used - 1)
+    for new in (b.numpy() for b in buffers):
+        np.testing.assert_array_equal(new[2, :, : used - 1], new[1, :, : used - 1])
+        np.testing.assert_array_equal(new[2, :, used - 1 :], 0)  # only the slots asked for moved
+        np.testing.assert_array_equal(new[0], 0)
+    with pytest.raises(ValueError, match="outside"):
+        runtime.run_rows(np.array([[1]]), np.ones((1, 1), np.int64), buffers, 3)
+
+
+def test_each_contract_gets_its_batcher(bundle) -> None:
+    v1, v3 = Runtime(bundle(TINY, cache="dynamic")), Runtime(bundle(TINY, cache="gqa"))
+    assert type(batcher_for(v1, v1.contract)) is Batcher
+    assert type(batcher_for(v3, v3.contract, max_batch=2)) is RowBatcher
+    with pytest.raises(ValueError, match="RowBatcher"):
+        Batcher(v3, v3.contract)
+    with pytest.raises(ValueError, match="no fixed buffers"):
+        RowBatcher(v1, v1.contract)
+
+
+def test_rows_queue_cancel_and_failure(bundle) -> None:
+    runtime = Runtime(bundle(TINY, cache="gqa"))
+    batcher = RowBatcher(runtime, runtime.contract, max_batch=2, max_queue=3, prefill_chunk=2)
+    reasons: list[str] = []
+    _zero, long, filling, short = batcher.submit(
+        [
+            Request([1, 2], 0, on_finish=lambda r, _: reasons.append(f"zero {r}")),
+            Request([1, 2], 50, on_finish=lambda r, _: reasons.append(f"long {r}")),
+            Request([7, 6, 5, 4, 3], 5, on_finish=lambda r, _: reasons.append(f"filling {r}")),
+            Request([3, 4, 5], 3, on_finish=lambda r, _: reasons.append(f"short {r}")),
+        ]
+    )
+    assert reasons == ["zero length"]
+    with pytest.raises(QueueFull):
+        batcher.submit([Request([1], 1)])
+    batcher.step()  # `long` prefilled: its 2 tokens are the step's whole budget
+    assert batcher.load == (1, 2) and long.tokens
+    batcher.step()  # `long` decodes, `filling` has a row and 2 of its 5 tokens in
+    assert batcher.load == (2, 1) and len(long.tokens) == 2 and not filling.tokens
+    filling.cancel()  # cancelled mid-prefill: its row frees before its prompt is in
+    long.cancel()
+    while batcher.step():
+        pass
+    assert reasons == ["zero length", "long cancelled", "filling cancelled", "short length"]
+    assert short.tokens == generate(runtime, [[3, 4, 5]], 3)[0]
+    assert batcher.load == (0, 0)
+
+    class Flaky(Recording):
+        def run_rows(self, input_ids, attention_mask, buffers, first):
+            if len(self.calls) == 2:
+                self.calls.append(None)
+                raise RuntimeError("device lost")
+            return super().run_rows(input_ids, attention_mask, buffers, first)
+
+    batcher = RowBatcher(Flaky(runtime), runtime.contract)
+    failed: list[tuple[str, str]] = []
+    batcher.submit([Request([1, 2, 3], 5, on_finish=lambda r, d: failed.append((r, d)))])
+    while batcher.step():
+        pass
+    assert failed == [("error", "RuntimeError: device lost")]
+    (ticket,) = batcher.submit([Request([1, 2, 3], 5)])
+    while batcher.step():
+        pass
+    assert ticket.tokens == generate(runtime, [[1, 2, 3]], 5)[0]
