@@ -11,6 +11,7 @@ import typer
 
 from parscale_export.bundle import read_manifest
 from parscale_export.errors import UsageError
+from parscale_export.rows import DEFAULT_PREFILL_CHUNK
 from parscale_export.supervise import run_in_own_session
 
 from .validate import Provider
@@ -29,6 +30,14 @@ def serve_command(
     max_queue: Annotated[
         int, typer.Option(min=0, help="Sequences that may wait for a row per replica; more get HTTP 503.")
     ] = 64,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="In-place bundles (the default): prompt tokens prefilled per step while others decode, so a long "
+            "prompt does not stall them (0: whole prompts).",
+        ),
+    ] = DEFAULT_PREFILL_CHUNK,
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per replica (0: its default).")] = 0,
     replica_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs Ray reserves for each replica.")] = 1.0,
     provider: Annotated[Provider, typer.Option(help="auto: CUDA when usable, else CPU.")] = Provider.auto,
@@ -38,7 +47,9 @@ def serve_command(
     in_session: Annotated[bool, typer.Option("--in-session", hidden=True)] = False,
 ) -> None:
     """Serve a bundle: POST /v1/completions (OpenAI-compatible; "stream": true for server-sent
-    events), GET /v1/models, GET /health. Requests are batched continuously in each replica.
+    events), GET /v1/models, GET /health. Requests are batched continuously in each replica:
+    with the in-place cache (the default) each request owns a row of buffers allocated once
+    (--max-batch rows), and nothing moves when another request joins or leaves.
 
     Runs until Ctrl-C or SIGTERM, then stops the replicas and the Ray instance it started
     (exit code 0).
@@ -59,6 +70,7 @@ def serve_command(
             "address": address,
             "max-batch": max_batch,
             "max-queue": max_queue,
+            "prefill-chunk": prefill_chunk,
             "threads": threads,
             "replica-cpus": replica_cpus,
             "provider": provider.value,
@@ -82,6 +94,7 @@ def serve_command(
         address=address,
         max_batch=max_batch,
         max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
         threads=threads,
         replica_cpus=replica_cpus,
         provider=provider.value,

@@ -1,10 +1,13 @@
 """`parscale-export serve`: a bundle behind an OpenAI-compatible HTTP API on Ray Serve.
 
 Ray Serve owns the replicas, the HTTP proxy and the routing between them, on one machine or a
-whole Ray cluster. Each replica is one Runtime with one Batcher stepping in a thread of its own
-(batching.py): requests join and leave the running batch at step boundaries. This module only
-translates: HTTP bodies to batcher requests (completions.py checks them), tokens to JSON or
-server-sent events, QueueFull to 503. No torch and no model logic.
+whole Ray cluster. Each replica is one Runtime with one batcher stepping in a thread of its own:
+requests join and leave the running batch at step boundaries. Which batcher is the contract's
+choice (rows.batcher_for): an in-place cache (v2, v3, what `convert` writes by default) gives
+each request a row of buffers allocated once (rows.py); contract v1 merges the running
+sequences' caches on the host (batching.py). This module only translates: HTTP bodies to
+batcher requests (completions.py checks them), tokens to JSON or server-sent events, QueueFull
+to 503. No torch and no model logic.
 """
 
 import asyncio
@@ -25,7 +28,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from .batching import ERROR, Batcher, QueueFull, Request, Ticket
+from .batching import ERROR, QueueFull, Request, Ticket
 from .bundle import read_manifest
 from .completions import (
     DONE_EVENT,
@@ -39,6 +42,7 @@ from .completions import (
     parse_completion,
 )
 from .errors import BundleError, ServeError
+from .rows import DEFAULT_PREFILL_CHUNK, batcher_for
 from .runtime import Runtime, resolve_provider
 from .text import TextStream, load_tokenizer
 
@@ -57,6 +61,7 @@ class ServeOptions:
     address: str | None = None  # None: start a local Ray; else join this cluster ("auto", "host:6379")
     max_batch: int = 16
     max_queue: int = 64
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # in-place bundles: prompt tokens per step (0: no limit)
     threads: int = 0  # ONNX Runtime intra-op threads per replica; 0: its default
     replica_cpus: float = 1.0
     provider: str = "auto"
@@ -142,15 +147,24 @@ class _Reply:
 @serve.deployment
 @serve.ingress(api)
 class CompletionServer:
-    """One replica: a Runtime over the bundle and a Batcher that steps in its own thread."""
+    """One replica: a Runtime over the bundle and a batcher that steps in its own thread."""
 
     def __init__(self, options: ServeOptions) -> None:
         runtime = Runtime(options.bundle, provider=options.provider, threads=options.threads or None)
-        manifest = runtime.manifest
-        self.model = ModelInfo(options.name, runtime.contract.vocab_size, manifest.context_length)
+        manifest, contract = runtime.manifest, runtime.contract
+        context = manifest.context_length
+        if contract.cache.in_place:  # a sequence never holds more than the buffers' max_length
+            context = min(context or contract.max_length, contract.max_length)
+        self.model = ModelInfo(options.name, contract.vocab_size, context)
         self.tokenizer = load_tokenizer(options.bundle)
-        self.batcher = Batcher(
-            runtime, runtime.contract, manifest.eos_ids, manifest.pad_id, options.max_batch, options.max_queue
+        self.batcher = batcher_for(
+            runtime,
+            contract,
+            manifest.eos_ids,
+            manifest.pad_id,
+            options.max_batch,
+            options.max_queue,
+            options.prefill_chunk,
         )
         self.stepping = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
         self.stepping.start()
@@ -196,14 +210,8 @@ def serve_until_stopped(options: ServeOptions, log: Callable[[str], None]) -> No
     manifest = read_manifest(options.bundle)  # a bad bundle fails here, before any process starts
     if manifest.contract.dtype == "bfloat16":
         raise BundleError(
-            f"{options.bundle}: serve moves cache rows on the host between steps, and a bfloat16 cache has "
-            "no numpy type; convert with --dtype fp16 or fp32 to serve"
-        )
-    if manifest.contract.cache.in_place:
-        raise BundleError(
-            f"{options.bundle}: serve's continuous batching moves cache rows of contract v1 only; "
-            f"this bundle is contract v{manifest.contract.version} (the default in-place cache); convert with "
-            "--cache dynamic to serve it"
+            f"{options.bundle}: serve allocates (in-place cache) or moves (--cache dynamic) its cache through "
+            "numpy, which has no bfloat16 type; convert with --dtype fp16 or fp32 to serve"
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = options.address is None

@@ -1,7 +1,8 @@
 """`parscale-export serve` end to end: a local Ray Serve on 127.0.0.1, started once per bundle
-(P=4 and P=1) through the real command line, answers concurrent requests of different lengths
-with exactly the tokens of offline `generate`, refuses bad requests with 400 naming the field,
-refuses a full queue with 503, keeps serving, and stops without leaving a process behind."""
+through the real command line (the default in-place cache at P=4, prefilled 4 tokens a step,
+and at P=1; contract v1 at P=4), answers concurrent requests of different lengths with exactly
+the tokens of offline `generate`, refuses bad requests with 400 naming the field, refuses a full
+queue with 503, keeps serving, and stops without leaving a process behind."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 from conftest import CONFORMANCE, TINY
 from parscale_export.cli.main import main
 
+from parscale_export.export import ExportOptions, convert
 from parscale_export.generate import Sampling, generate
 from parscale_export.runtime import Runtime, cuda_available
 
@@ -33,13 +35,13 @@ GREEDY = Sampling()
 
 
 class Server:
-    def __init__(self, bundle: Path, log: Path) -> None:
+    def __init__(self, bundle: Path, log: Path, options: tuple[str, ...] = ()) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.bundle, self.log = bundle, log
         command = [sys.executable, "-m", "parscale_export.cli", "serve", str(bundle), "--port", str(self.port)]
-        command += ["--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1"]
+        command += ["--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1", *options]
         # Its own process group, as a shell gives a foreground job: Ctrl-C is SIGINT to the group.
         self.process = subprocess.Popen(command, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -83,11 +85,24 @@ class Server:
                 self.process.wait()
 
 
-@pytest.fixture(scope="module", params=["p4", "p1"])
+# kind -> (checkpoint, convert --cache, serve options). The in-place bundles are converted as
+# `convert` does by default: contract v3, max_length the model's context (512 and 128 tokens).
+SERVERS = {
+    "p4": (TINY, None, ("--prefill-chunk", "4")),
+    "p1": (CONFORMANCE / "p1_plain_mqa", None, ()),
+    "p4-v1": (TINY, "dynamic", ()),
+}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
 def server(request, bundle, tmp_path_factory):
-    checkpoint = TINY if request.param == "p4" else CONFORMANCE / "p1_plain_mqa"
-    path = bundle(checkpoint)
-    running = Server(path, tmp_path_factory.mktemp("serve") / "serve.log")
+    checkpoint, cache, options = SERVERS[request.param]
+    if cache is None:
+        path = tmp_path_factory.mktemp("bundle") / f"{checkpoint.name}-default"
+        convert(checkpoint, path, ExportOptions())
+    else:
+        path = bundle(checkpoint, cache=cache)
+    running = Server(path, tmp_path_factory.mktemp("serve") / "serve.log", options)
     running.runtime = Runtime(path)
     running.kind = request.param
     yield running
@@ -103,12 +118,9 @@ def test_what_cannot_be_served_fails_before_ray_starts(bundle, tmp_path: Path, c
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", str(bundle(TINY, "bf16")), "--in-session"]) == 2
     assert "bfloat16" in capsys.readouterr().err
-    for cache, version in (("static", 2), ("gqa", 3)):
-        assert main(["serve", str(bundle(TINY, cache=cache)), "--in-session"]) == 2
-        err = capsys.readouterr().err
-        assert "contract v1 only" in err and f"this bundle is contract v{version}" in err
+    assert main(["serve", str(bundle(TINY, cache="gqa")), "--prefill-chunk", "-1", "--in-session"]) == 2
     if not cuda_available():
-        assert main(["serve", str(bundle(TINY)), "--provider", "cuda", "--in-session"]) == 2
+        assert main(["serve", str(bundle(TINY, cache="gqa")), "--provider", "cuda", "--in-session"]) == 2
         assert "CUDA requested" in capsys.readouterr().err
 
 
@@ -143,7 +155,7 @@ def test_streaming_sampling_text_and_several_prompts(server: Server) -> None:
         assert [t for c in mine for t in c["token_ids"]] == offline(server, prompt, 6)
         assert mine[-1]["finish_reason"] in ("stop", "length")
 
-    if server.kind == "p4":  # the tiny checkpoint ships a tokenizer
+    if server.kind.startswith("p4"):  # the tiny checkpoint ships a tokenizer
         status, body = server.post({"prompt": "Hello", "max_tokens": 4, "temperature": 0})
         assert status == 200 and isinstance(body["choices"][0]["text"], str)
     status, models = server.get("/v1/models")
@@ -196,7 +208,7 @@ def test_stopping_leaves_no_process_behind(server: Server) -> None:
     started = server.processes()
     names = " ".join(p.name() for p in started)
     assert "raylet" in names and "gcs_server" in names, names
-    if server.kind == "p4":
+    if server.kind.startswith("p4"):
         os.killpg(server.process.pid, signal.SIGINT)
     else:
         server.process.send_signal(signal.SIGTERM)
