@@ -1,7 +1,10 @@
 """The I/O contract of an exported bundle: one immutable object read by export, runtime,
 validation and the manifest. Imports no torch: deployment needs only numpy.
 
-Version 1 (`convert --cache dynamic`, the default): the cache grows by concatenation.
+`convert` writes version 3 unless told otherwise. Versions 2 and 3 are read as version 1's
+names and inputs with a different cache, so this docstring describes them in that order.
+
+Version 1 (`convert --cache dynamic`, or any --opset below 23): the cache grows by concatenation.
 Inputs:
   input_ids       int64 [batch, sequence]
   attention_mask  int64 [batch, past_sequence + sequence]   1 = real token, 0 = padding; never the prefix
@@ -28,12 +31,16 @@ any call slots [0, total) hold the tokens, [total, total + T) the prefix, and th
 unused and masked. The caller allocates zeros of capacity >= T + total and binds past and
 present to the same memory; a call that would need more slots is refused (CapacityError).
 
-Version 3 (`convert --cache gqa --max-length N`): version 2's buffers and inputs, read by ONNX
-Runtime's GroupQueryAttention, which attends only over the slots in use. The prefix sits in slots
+Version 3 (`convert`, or `--cache gqa`; `--max-length N`): version 2's buffers and inputs, read
+by ONNX Runtime's GroupQueryAttention, which attends only over the slots in use. The prefix sits in slots
 [0, T), written by a sequence's first call (the call whose mask is as long as its input); token
 column j of the mask lives in slot T + j. Left padding is hidden by the mask, as in v1. A call
 with several new tokens over a past is refused for batch > 1 (ONNX Runtime's kernel takes those
 one sequence at a time).
+
+Versions 2 and 3 with `fixed_capacity` (what `--genai` writes): the graph declares the buffers'
+length, T + max_length, as a number; buffers of any other length are refused by ONNX Runtime.
+onnxruntime-genai sizes its shared buffer from that number (see genai.py).
 """
 
 from __future__ import annotations

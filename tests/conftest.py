@@ -33,14 +33,15 @@ STATIC_MAX_LENGTH = 40  # --max-length of the static-cache bundles tests make: s
 
 
 class BundleCache:
-    """Converts each (checkpoint, dtype, cache) once per test session; caches "static"
-    (contract v2) and "gqa" (v3) get max_length STATIC_MAX_LENGTH."""
+    """Converts each (checkpoint, dtype, cache) once per test session, by default as `convert`
+    does (contract v3); caches "static" (contract v2) and "gqa" (v3) get max_length
+    STATIC_MAX_LENGTH."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.done: dict[tuple[Path, str, str], Path] = {}
 
-    def __call__(self, checkpoint: Path, dtype: str = "fp32", cache: str = "dynamic") -> Path:
+    def __call__(self, checkpoint: Path, dtype: str = "fp32", cache: str = "gqa") -> Path:
         key = (Path(checkpoint), dtype, cache)
         if key not in self.done:
             out = self.root / f"{Path(checkpoint).name}-{dtype}-{cache}-{len(self.done)}"

@@ -35,7 +35,7 @@ def test_convert_writes_a_complete_bundle(tmp_path, capsys) -> None:
     assert {MODEL_FILE, DATA_FILE, MANIFEST_FILE, "config.json", "tokenizer.json", "generation_config.json"} <= names
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["model"]["parscale_n"] == 4 and manifest["model"]["parscale_n_tokens"] == 8
-    assert manifest["contract"]["version"] == 1 and manifest["opset"] == 23
+    assert manifest["contract"]["version"] == 3 and manifest["opset"] == 23  # the in-place cache, by default
     assert manifest["source"]["weights"].startswith("sha256:")
     assert manifest["versions"]["torch"] and manifest["versions"]["onnx"]
 

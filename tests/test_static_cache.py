@@ -31,7 +31,7 @@ def in_place(request, bundle) -> Runtime:
 
 @pytest.fixture(scope="module")
 def dynamic(bundle) -> Runtime:
-    return Runtime(bundle(TINY))
+    return Runtime(bundle(TINY, cache="dynamic"))
 
 
 @pytest.mark.parametrize("cache", ["static", "gqa"])
@@ -121,9 +121,10 @@ def test_cli_generate_past_capacity_exits_2(bundle, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--opset", "18", "--genai"], "add --cache dynamic to export at --opset 18"),
+        (["--opset", "18", "--cache", "gqa"], "--cache gqa needs opset 23; drop --opset, or add --cache dynamic"),
         (["--opset", "18", "--cache", "static"], "--cache static needs opset 24; drop --opset"),
-        (["--max-length", "64"], "--max-length goes with --cache static"),
+        (["--max-length", "64", "--cache", "dynamic"], "--max-length goes with --cache static or gqa"),
+        (["--max-length", "64", "--opset", "18"], "--max-length goes with --cache static or gqa"),
     ],
 )
 def test_convert_refuses_inconsistent_cache_options(args, message, tmp_path, capsys) -> None:
@@ -143,12 +144,11 @@ def test_manifest_of_contract_v2_needs_max_length(bundle, tmp_path) -> None:
         Runtime(copy)
 
 
-def test_genai_config_of_contract_v2_warns_that_max_length_is_paid_for() -> None:
-    """genai sizes the shared buffer by a request's max_length and Attention reads all of it."""
+def test_genai_config_of_contract_v2_warns_that_the_whole_buffer_is_read() -> None:
+    """genai allocates the declared T + max_length slots and v2's Attention reads all of them."""
     config = load_config(TINY)
     contract = contract_for(config, ExportOptions(genai=True, cache="static", max_length=32))
     settings, notes = genai_config(config, contract, {"eos_token_id": [1], "pad_token_id": [], "bos_token_id": []})
-    length = 32 + config.parscale_n_tokens
-    assert settings["search"]["max_length"] == length and settings["search"]["past_present_share_buffer"]
-    assert any(f"{length} slots" in note for note in notes)
+    assert settings["search"]["max_length"] == 32 and settings["search"]["past_present_share_buffer"]
+    assert any(f"{32 + config.parscale_n_tokens} slots" in note for note in notes)
     assert any("reads the whole buffer" in note for note in notes)

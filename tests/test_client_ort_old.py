@@ -1,6 +1,8 @@
-"""convert --opset: an opset-18 bundle is written from primitive ops, declares the IR version it
-needs, and matches the official outputs both here and in onnxruntime 1.15.0, the oldest runtime
-the README names, which refuses the default opset-23 bundle.
+"""Client conformance, old onnxruntime: `convert --opset 18` (which implies --cache dynamic) writes
+primitive ops, declares the IR version it needs, and matches the official outputs both here and in
+onnxruntime 1.15.0, the oldest runtime the README names, driven with plain session.run as the
+README's contract-v1 block does (scripts/ort_conformance.py), in both cache layouts (rows, and
+genai's heads). 1.15 refuses the default bundle.
 
 The old runtime lives in a virtual environment of its own; `make test` creates it and names its
 Python in PARSCALE_OLD_ORT_PYTHON (scripts/ort_conformance.py needs only onnxruntime and numpy).
@@ -35,7 +37,20 @@ def opset18(tmp_path_factory) -> dict[str, Path]:
     for name in CONFORMANCE_NAMES:
         assert main(["convert", str(CONFORMANCE / name), "-o", str(root / name), "--opset", "18"]) == 0
         made[name] = root / name
+        genai = root / f"{name}-genai"
+        assert main(["convert", str(CONFORMANCE / name), "-o", str(genai), "--opset", "18", "--genai"]) == 0
+        made[f"{name}-genai"] = genai
     return made
+
+
+def test_opset_18_implies_contract_v1_and_says_so(opset18: dict[str, Path], tmp_path, capsys) -> None:
+    assert all(json.loads((p / "manifest.json").read_text())["contract"]["version"] == 1 for p in opset18.values())
+    assert main(["convert", str(CONFORMANCE / "p1_plain_mqa"), "-o", str(tmp_path / "b"), "--opset", "20"]) == 0
+    assert "cache=dynamic (contract v1): --opset 20 implies --cache dynamic" in capsys.readouterr().out
+    for cache in ("gqa", "static"):
+        args = ["convert", str(CONFORMANCE / "p1_plain_mqa"), "-o", str(tmp_path / cache), "--opset", "18"]
+        assert main([*args, "--cache", cache]) == 2
+        assert "add --cache dynamic" in capsys.readouterr().err and not (tmp_path / cache).exists()
 
 
 def on_old_runtime(bundle: Path, name: str) -> subprocess.CompletedProcess:
@@ -56,12 +71,14 @@ def test_opset_18_graph_is_primitive_and_declares_ir_8(opset18: dict[str, Path])
     assert json.loads((path / "manifest.json").read_text())["opset"] == 18
 
 
-def test_opset_23_graph_uses_the_fused_ops(bundle) -> None:
-    """One RotaryEmbedding per q and k, one fused residual add + norm per norm but the first."""
-    proto = onnx.load(str(bundle(TINY) / "model.onnx"), load_external_data=False)
+@pytest.mark.parametrize(("cache", "attention"), [("gqa", "GroupQueryAttention"), ("dynamic", "Attention")])
+def test_opset_23_graph_uses_the_fused_ops(cache: str, attention: str, bundle) -> None:
+    """One RotaryEmbedding per q and k, one fused residual add + norm per norm but the first, one
+    attention node per layer: what 1.15 cannot run."""
+    proto = onnx.load(str(bundle(TINY, cache=cache) / "model.onnx"), load_external_data=False)
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     layers = load_config(TINY).num_layers
-    assert ops["RotaryEmbedding"] == 2 * layers and ops["Attention"] == layers
+    assert ops["RotaryEmbedding"] == 2 * layers and ops[attention] == layers
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["RMSNormalization"] == 1
     assert "Neg" not in ops  # rotate-half spelled out would need it
 
@@ -75,9 +92,10 @@ def test_opset_18_matches_official_here(name: str, opset18: dict[str, Path]) -> 
 
 
 @needs_old_runtime
+@pytest.mark.parametrize("layout", ["", "-genai"])
 @pytest.mark.parametrize("name", CONFORMANCE_NAMES)
-def test_opset_18_matches_official_on_the_oldest_runtime(name: str, opset18: dict[str, Path]) -> None:
-    done = on_old_runtime(opset18[name], name)
+def test_opset_18_matches_official_on_the_oldest_runtime(name: str, layout: str, opset18: dict[str, Path]) -> None:
+    done = on_old_runtime(opset18[name + layout], name)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["onnxruntime"] == OLD_VERSION
@@ -86,8 +104,9 @@ def test_opset_18_matches_official_on_the_oldest_runtime(name: str, opset18: dic
 
 
 @needs_old_runtime
-def test_the_default_opset_needs_a_newer_runtime(bundle) -> None:
-    done = on_old_runtime(bundle(CONFORMANCE / "p1_plain_mqa"), "p1_plain_mqa")
+@pytest.mark.parametrize("cache", ["gqa", "dynamic"])  # the default, and v1 at its default opset 23
+def test_the_default_opset_needs_a_newer_runtime(cache: str, bundle) -> None:
+    done = on_old_runtime(bundle(CONFORMANCE / "p1_plain_mqa", cache=cache), "p1_plain_mqa")
     assert done.returncode != 0
     assert "Unsupported model IR version" in done.stderr or "opset" in done.stderr.lower(), done.stderr[-500:]
 
