@@ -44,3 +44,20 @@ test: lint
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
+
+# The GPU machine's Python: its versions (constraints-gpu-image.txt) and nothing of this project
+# installed. `make gpu-dryrun` runs scripts/gpu_check.sh there on the CPU, as the GPU machine runs
+# it; OFFICIAL=DIR (a QwenLM/ParScale checkout) adds the official model's comparison.
+GPUIMAGE   := .venv-gpu-image
+GPU_PYTHON ?= $(firstword $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c '' 2>/dev/null && echo $$p; done) python3.12)
+
+.PHONY: gpu-dryrun
+gpu-dryrun: $(GPUIMAGE)/.installed
+	PROVIDER=cpu PYTHON=$(GPUIMAGE)/bin/python OFFICIAL="$(OFFICIAL)" bash scripts/gpu_check.sh
+
+$(GPUIMAGE)/.installed: constraints-gpu-image.txt
+	$(GPU_PYTHON) -m venv $(GPUIMAGE)
+	$(GPUIMAGE)/bin/pip install --quiet --disable-pip-version-check -r constraints-gpu-image.txt
+	$(GPUIMAGE)/bin/pip check
+	touch $@
