@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (about 5 minutes on one H200). Carry the onnxruntime-gpu parts first
-# (scripts/gpu_wheel.sh prints the calls), then run this in the last call. It:
-#   1. verifies and joins the carried parts (scripts/gpu_carry.py), unpacks onnxruntime-gpu into
-#      a private site directory put first on PYTHONPATH, and copies this package beside it;
+# (scripts/gpu_wheel.sh prepares them and prints the calls), then run this in the last call. It:
+#   1. verifies and joins the carried parts (scripts/gpu_carry.py), unpacks the archive they make
+#      (onnxruntime-gpu into a private site directory put first on PYTHONPATH) and copies this
+#      package beside it;
 #   2. points the loader at the CUDA 13 / cuDNN 9 libraries of the machine's nvidia-* wheels
 #      (onnxruntime's preload_dlls looks only beside its own folder) and stops, loudly and with
 #      the loader's reason, when CUDA was asked for but cannot start;
@@ -20,21 +21,22 @@ PYTHON="${PYTHON:-python3}"
 PROVIDER="${PROVIDER:-cuda}"
 OUT="${OUT:-build/gpu-out}"
 WORK="${WORK:-/tmp/parscale-gpu}"
-site="$WORK/site"
 mkdir -p "$OUT" "$WORK"
 
 if [ "$PROVIDER" = cuda ]; then
     nvidia-smi -L || true
-    PARTS="${PARTS:-build/gpu-wheel}"
+    PARTS="${PARTS:-build/gpu-carry}"
 else  # dry run: cut this Python's onnxruntime-gpu wheel into parts, as gpu_wheel.sh does for the GPU
-    PARTS="${PARTS:-build/gpu-wheel-dryrun}"
-    if [ ! -f "$PARTS/gpu-wheel.json" ]; then
-        GPU_WHEEL_DIR="$PARTS" GPU_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+    PARTS="${PARTS:-build/gpu-carry-dryrun}"
+    if [ ! -f "$PARTS/gpu-carry.json" ]; then
+        GPU_CARRY_DIR="$PARTS" GPU_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
             bash scripts/gpu_wheel.sh > /dev/null
     fi
 fi
 echo "== joining and verifying the parts in $PARTS"
-"$PYTHON" scripts/gpu_carry.py join "$PARTS" "$WORK/wheel" --install "$site"
+"$PYTHON" scripts/gpu_carry.py join "$PARTS" "$WORK/carried" --unpack "$WORK/packages"
+site="$WORK/packages/site"
+mkdir -p "$site"
 # Our package, without pip: the layout pip would install (cli/ becomes parscale_export.cli).
 cp -r parscale_export "$site/" && cp -r cli "$site/parscale_export/cli"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
