@@ -2,20 +2,27 @@
 # The prepared GPU check (meant to take under 6 minutes on one H200). Carry the parts first
 # (scripts/gpu_wheel.sh prepares them and prints the calls), then run this in the last call. It:
 #   1. verifies and joins the carried parts (scripts/gpu_carry.py) and unpacks onnxruntime-gpu
-#      into a private site directory put first on PYTHONPATH, with this package copied beside it;
+#      into a private site directory put first on PYTHONPATH, with this package copied beside it,
+#      and the official model's transformers 4.51.3 into a second one used by that model alone;
 #   2. points the loader at the CUDA 13 / cuDNN 9 libraries of the machine's nvidia-* wheels
 #      (onnxruntime's preload_dlls looks only beside its own folder) and stops, loudly and with
 #      the loader's reason, when CUDA was asked for but cannot start;
 #   3. converts the tiny fixture (fp32, fp16, bf16) and a mid-size checkpoint (P=1, 4, 8, fp16;
 #      P=4 also in bf16 and in contracts v1, v2 and v3 by name), validates each on the provider,
 #      checks a fp16 family bundle (every P, and shared weights against each P alone), times
-#      decoding for P=1/4/8 and against the context for v1/v2/v3.
-# Everything printed goes to $OUT/gpu_check.log too; validate's reports to $OUT/validate.json.
+#      decoding for P=1/4/8 and against the context for v1/v2/v3;
+#   4. times the official PyTorch model (QwenLM/ParScale, eager and sdpa attention, fp16 and
+#      bf16) beside our P=4 bundles of the same checkpoint and compares their prefill logits
+#      (scripts/gpu_official.py). OFFICIAL=DIR names the checkout (the folder holding
+#      modeling_qwen2_parscale.py); by default the copy carried in the parts, if any; without one
+#      the comparison is skipped, and says so.
+# Everything printed goes to $OUT/gpu_check.log too; validate's reports to $OUT/validate.json and
+# the comparison's numbers to $OUT/official.json.
 # The GPU machine runs it with its own python3 (3.12, torch 2.11 CUDA 13, onnx, onnxscript, typer,
 # safetensors, numpy, a CPU onnxruntime; see constraints-gpu-image.txt) with nothing of this
 # project installed, and no registry. Dry run here, in a virtual environment built from those
-# versions: `make gpu-dryrun` (PROVIDER=cpu; it cuts the parts for itself). STEPS=preflight stops
-# once the imports are proven (tests/test_gpu_imports.py).
+# versions: `make gpu-dryrun` (PROVIDER=cpu; it cuts the parts for itself and runs a shorter
+# comparison). STEPS=preflight stops once the imports are proven (tests/test_gpu_imports.py).
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$self")/.."
@@ -196,5 +203,26 @@ step "step time vs context on $PROVIDER, contracts v1, v2 and v3 (fp16, P=4)"
 cli bench "$WORK/mid-p4-fp16-v1" "$WORK/mid-p4-fp16-v2" "$WORK/mid-p4-fp16-v3" --batch 1 --prompt-length 64 \
     --prompt-length 2048 --provider "$PROVIDER" --no-reference || status=1
 
+OFFICIAL="${OFFICIAL:-}"
+if [ -z "$OFFICIAL" ] && [ -f "$WORK/packages/official/modeling_qwen2_parscale.py" ]; then
+    OFFICIAL="$WORK/packages/official"
+fi
+if [ -z "$OFFICIAL" ]; then
+    step "official PyTorch model: SKIPPED, no QwenLM/ParScale checkout (set OFFICIAL=DIR, the folder holding" \
+        "modeling_qwen2_parscale.py, or prepare the parts with it)"
+else
+    step "official PyTorch model ($OFFICIAL) vs ours, mid-size P=4 on $PROVIDER"
+    # Our bundles in the default and the in-place layouts (fp16), and the default one in bf16.
+    if [ "$PROVIDER" = cuda ]; then
+        shape=()
+    else  # CPU fp16 matrix products are slow in PyTorch: a bounded run proves only that it runs and agrees
+        shape=(--prompt-length 16 --steps 4 --repeats 1 --threads 2)
+        echo "(CPU dry run: prompt 16, 4 steps, 1 run; on CUDA: prompt 64, 32 steps, best of 3)"
+    fi
+    "$PYTHON" scripts/gpu_official.py --official "$OFFICIAL" --official-site "$WORK/packages/official-site" \
+        --checkpoint "$WORK/mid-p4" --provider "$PROVIDER" --work "$WORK/official" --json "$OUT/official.json" \
+        --ours "default=$WORK/mid-p4-fp16" --ours "in-place=$WORK/mid-p4-fp16-v2" \
+        --ours "in-place=$WORK/mid-p4-fp16-v3" --ours "default=$WORK/mid-p4-bf16" "${shape[@]}" || status=1
+fi
 step "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL) on $PROVIDER"
 exit $status
