@@ -112,6 +112,7 @@ print("wrote mid-size checkpoints (vocab 32000, hidden 512, 8 layers, 8/2 heads,
 PY
 
 status=0
+rm -rf "$WORK/reports" "$WORK/logs"  # an earlier run's reports would join this one's
 mkdir -p "$WORK/reports" "$WORK/logs"
 # Converting is mostly single-threaded Python and validating checks one bundle at a time: both run
 # as parallel jobs (as many as the cores, at most 8), each with its own log, printed in order.
