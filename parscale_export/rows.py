@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .batching import CANCELLED, Batcher, Scheduler, Ticket
+from .batching import CANCELLED, Batcher, Request, Scheduler, Ticket
 from .contract import Contract
 
 # Prompt tokens fed per step while others decode (0: whole prompts, no limit). Measured on the
@@ -75,6 +75,14 @@ class RowBatcher(Scheduler):
         self._filling: Ticket | None = None  # the request being prefilled, in row _fill_row
         self._fill_row = 0
         self._fed = 0  # prompt tokens of _filling already in its row
+
+    def _check_fits(self, request: Request) -> None:
+        held = len(request.prompt) + request.max_tokens - 1  # the last token is never fed back
+        if held > (self.contract.max_length or 0):
+            raise ValueError(
+                f"{len(request.prompt)} prompt tokens + max_tokens {request.max_tokens} do not fit a row of "
+                f"this bundle's cache (max_length {self.contract.max_length})"
+            )
 
     def _in_flight(self) -> list[Ticket]:
         return [*self._rows, *([self._filling] if self._filling else [])]

@@ -304,7 +304,7 @@ def test_rows_queue_cancel_and_failure(bundle) -> None:
     _zero, long, filling, short = batcher.submit(
         [
             Request([1, 2], 0, on_finish=lambda r, _: reasons.append(f"zero {r}")),
-            Request([1, 2], 50, on_finish=lambda r, _: reasons.append(f"long {r}")),
+            Request([1, 2], 30, on_finish=lambda r, _: reasons.append(f"long {r}")),
             Request([7, 6, 5, 4, 3], 5, on_finish=lambda r, _: reasons.append(f"filling {r}")),
             Request([3, 4, 5], 3, on_finish=lambda r, _: reasons.append(f"short {r}")),
         ]
@@ -312,6 +312,8 @@ def test_rows_queue_cancel_and_failure(bundle) -> None:
     assert reasons == ["zero length"]
     with pytest.raises(QueueFull):
         batcher.submit([Request([1], 1)])
+    with pytest.raises(ValueError, match="do not fit a row"):  # refused up front, not mid-batch
+        batcher.submit([Request([1] * 30, 12)])  # 41 tokens to hold, max_length 40
     batcher.step()  # `long` prefilled: its 2 tokens are the step's whole budget
     assert batcher.load == (1, 2) and long.tokens
     batcher.step()  # `long` decodes, `filling` has a row and 2 of its 5 tokens in
