@@ -1,12 +1,24 @@
-"""Throughput of `parscale-export serve` (one replica) for 1, 4 and 16 concurrent clients.
+"""`parscale-export serve` (one replica) under 1, 4 and 16 streaming clients: contract v1's server
+against the in-place one, in one run.
 
 Builds the mid-size P=4 checkpoint (vocab 32000, hidden 512, intermediate 1408, 8 layers, 8/2
-heads, T=48) with parscale_export.synthetic, converts it (fp32), starts the server through the
-command line, and lets N clients each send --requests greedy completions back to back (the
-same prompt length and --max-tokens for all, EOS ignored so every request makes the same number
-of tokens). Prints generated tokens/s over all requests together and the ratio to one client.
+heads, T=48, a 2560-token context) with parscale_export.synthetic and converts it (fp32) once per
+--cache. Then for each server (every --cache; in-place bundles once per --prefill-chunk) it starts
+`parscale-export serve` through the command line and, for every workload (prompt tokens + new
+tokens) and client count, lets N clients each stream --requests greedy completions back to back
+(EOS ignored, so every request makes its tokens). Reported per run: generated tokens/s over all
+requests, time to first token (p50, p95) and time per output token (p50 over requests; a
+request's TPOT is (last token - first token) / (tokens - 1)), each also as a ratio to the first
+server. Then offline `generate` on one static batch of the largest client count's first prompts
+(same bundle, same threads, no server) gives each server's bound: "of offline".
+
+`--stall` adds one scenario per server: 4 clients stream 64+128 tokens while one request with a
+long prompt (--stall-prompt tokens) joins; the longest gap between two tokens of the running
+requests shows how long the join stalled them.
 
     .venv/bin/python scripts/bench_serve.py [--work build/bench-serve] [--clients 1 4 16]
+        [--workload 64+32 --workload 512+256] [--cache dynamic gqa] [--prefill-chunk 256 0]
+        [--requests 2] [--threads 1] [--stall]
 """
 
 from __future__ import annotations
@@ -19,9 +31,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,85 +51,224 @@ SHAPE = dict(
     num_attention_heads=8,
     num_key_value_heads=2,
     parscale_n_tokens=48,
+    max_position_embeddings=2560,  # room for 512+256 workloads and a 2,048-token prompt
 )
+
+
+@dataclass(frozen=True)
+class Server:
+    cache: str
+    prefill_chunk: int | None  # None: contract v1, which prefills each boundary's requests in one call
+
+    @property
+    def label(self) -> str:
+        if self.prefill_chunk is None:
+            return f"{self.cache} (v1)"
+        return f"{self.cache} chunk {self.prefill_chunk or 'whole'}"
+
+
+@dataclass(frozen=True)
+class Run:
+    tokens: int
+    seconds: float
+    ttft: list[float]  # per request, seconds
+    tpot: list[float]  # per request with 2+ tokens, seconds
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("build/bench-serve"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the replica")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client, back to back")
+    parser.add_argument(
+        "--workload", action="append", type=workload, help="PROMPT+NEW tokens (default: 64+32 and 512+256)"
+    )
+    parser.add_argument("--cache", nargs="+", default=["dynamic", "gqa"], help="convert --cache of each server")
+    parser.add_argument("--prefill-chunk", type=int, nargs="+", default=[256], help="in-place servers, each")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the replica (and offline)")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--stall", action="store_true", help="add the long-prompt join scenario")
+    parser.add_argument("--stall-prompt", type=int, default=2048)
     args = parser.parse_args()
+    workloads = args.workload or [(64, 32), (512, 256)]
 
-    bundle = prepare(args.work)
-    offline = offline_rates(bundle, args)
-    port = free_port()
-    log = (args.work / "serve.log").open("w")
-    command = [sys.executable, "-m", "parscale_export.cli", "serve", str(bundle), "--port", str(port)]
-    command += ["--threads", str(args.threads), "--max-batch", str(args.max_batch), "--replica-cpus", "1"]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(port, server)
-        rng = np.random.default_rng(0)
-        post(port, [1, 2, 3], 4)  # warm-up
-        print(
-            f"mid-size P=4 fp32, one replica, {args.threads} ORT threads, max batch {args.max_batch}, CPU: "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        )
-        print(
-            f"each client: {args.requests} requests, prompt {args.prompt_length} tokens, {args.max_tokens} new tokens"
-        )
-        header = ("clients", "requests", "tokens", "seconds", "tokens/s", "ratio", "latency s")
-        print(" ".join(f"{h:>{w}}" for h, w in zip(header, (7, 8, 7, 8, 9, 6, 10), strict=True)))
-        base = None
-        for clients in args.clients:
-            prompts = rng.integers(0, SHAPE["vocab_size"], (clients, args.requests, args.prompt_length)).tolist()
-            start = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                results = list(pool.map(lambda mine: [post(port, p, args.max_tokens) for p in mine], prompts))
-            seconds = time.perf_counter() - start
-            tokens = sum(n for client in results for n, _ in client)
-            latency = float(np.mean([s for client in results for _, s in client]))
-            rate = tokens / seconds
-            base = base or rate
-            print(
-                f"{clients:>7} {clients * args.requests:>8} {tokens:>7} {seconds:>8.2f} {rate:>9.1f} "
-                f"{rate / base:>5.2f}x {latency:>10.2f}"
-            )
-        print("offline generate, same bundle and threads, one static batch of N prompts, no server:")
-        for clients, rate in offline.items():
-            print(f"  batch {clients:>2}: {rate:7.1f} tokens/s ({rate / offline[args.clients[0]]:.2f}x)")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+    bundles = {cache: prepare(args.work, cache) for cache in args.cache}
+    servers = [
+        Server(cache, None if cache == "dynamic" else chunk)
+        for cache in args.cache
+        for chunk in ([None] if cache == "dynamic" else args.prefill_chunk)
+    ]
+    rng = np.random.default_rng(0)
+    prompts = {
+        (w, n): rng.integers(0, SHAPE["vocab_size"], (n, args.requests, w[0])).tolist()
+        for w in workloads
+        for n in args.clients
+    }
+    print(
+        f"mid-size P=4 fp32, one replica, {args.threads} ORT thread(s), max batch {args.max_batch}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average at start "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        flush=True,
+    )
+    results: dict[tuple[str, tuple[int, int], int], Run] = {}
+    stalls: dict[str, tuple[float, float, float]] = {}
+    for server in servers:
+        with serving(bundles[server.cache], server, args) as port:
+            for w in workloads:
+                warm = rng.integers(0, SHAPE["vocab_size"], (2, 1, w[0])).tolist()
+                measure(port, warm, 4)  # ONNX Runtime's first calls of a shape allocate: not measured
+                for n in args.clients:
+                    run = measure(port, prompts[w, n], w[1])
+                    results[server.label, w, n] = run
+                    print(
+                        f"  {server.label:<16} {w[0]}+{w[1]:<4} {n:>2} clients: {run.rate:7.1f} tok/s, "
+                        f"TTFT p50 {pct(run.ttft, 50):6.2f} s, TPOT p50 {1e3 * pct(run.tpot, 50):6.1f} ms",
+                        flush=True,
+                    )
+            if args.stall:
+                stalls[server.label] = stall(port, args.stall_prompt)
+    most = max(args.clients)
+    offline = {
+        (cache, w): offline_rate(bundles[cache], prompts[w, most], w[1], args.threads)
+        for cache in args.cache
+        for w in workloads
+    }
+
+    base = servers[0].label
+    print(f"\neach client: {args.requests} streamed greedy requests back to back; ratios against {base}")
+    header = f"{'server':<18}{'clients':>7}{'tok/s':>9}{'x':>7}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}{'x':>7}"
+    for w in workloads:
+        print(f"\nworkload {w[0]}+{w[1]} (prompt + new tokens)\n{header}{'of offline':>12}")
+        for n in args.clients:
+            for server in servers:
+                run, ref = results[server.label, w, n], results[base, w, n]
+                bound = f"{run.rate / offline[server.cache, w]:>11.0%}" if n == most else ""
+                print(
+                    f"{server.label:<18}{n:>7}{run.rate:>9.1f}{run.rate / ref.rate:>6.2f}x"
+                    f"{pct(run.ttft, 50):>9.2f}s{pct(run.ttft, 95):>9.2f}s{1e3 * pct(run.tpot, 50):>8.1f}ms"
+                    f"{pct(run.tpot, 50) / pct(ref.tpot, 50):>6.2f}x {bound}"
+                )
+        for cache in args.cache:
+            print(f"offline generate, {cache}, one batch of {most}: {offline[cache, w]:.1f} tok/s")
+    if stalls:
+        print(f"\n4 clients stream 64+128 while a {args.stall_prompt}-token prompt joins (gaps between their tokens):")
+        for label, (p50, longest, ttft) in stalls.items():
+            print(f"{label:<18} gap p50 {1e3 * p50:7.1f} ms, longest {longest:6.2f} s; long prompt's TTFT {ttft:.2f} s")
+    print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
-def offline_rates(bundle: Path, args: argparse.Namespace) -> dict[int, float]:
-    """Tokens/s of offline `generate` (prefill included) on a batch of `clients` prompts: what
-    the same runtime does with a batch that is full from the first step to the last."""
-    runtime = Runtime(bundle, provider="cpu", threads=args.threads)
-    rng = np.random.default_rng(1)
+def workload(text: str) -> tuple[int, int]:
+    prompt, new = text.split("+")
+    return int(prompt), int(new)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def measure(port: int, prompts: list[list[list[int]]], max_tokens: int) -> Run:
+    """Each client (one list of prompts) streams its requests back to back."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        times = list(pool.map(lambda mine: [stream(port, p, max_tokens) for p in mine], prompts))
+    seconds = time.perf_counter() - start
+    requests = [t for client in times for t in client]
+    return Run(
+        tokens=sum(map(len, requests)),
+        seconds=seconds,
+        ttft=[t[0] for t in requests],
+        tpot=[(t[-1] - t[0]) / (len(t) - 1) for t in requests if len(t) > 1],
+    )
+
+
+def stall(port: int, prompt_length: int) -> tuple[float, float, float]:
+    """(p50 gap, longest gap) between tokens of 4 running requests while a long prompt joins, and
+    the long request's time to first token."""
+    rng = np.random.default_rng(7)
+    short = rng.integers(0, SHAPE["vocab_size"], (4, 64)).tolist()
+    long = rng.integers(0, SHAPE["vocab_size"], prompt_length).tolist()
+    results: list[list[float]] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(stream(port, p, 128))) for p in short]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)  # the four are decoding
+    joined = stream(port, long, 2)
+    for thread in threads:
+        thread.join()
+    gaps = np.concatenate([np.diff(t) for t in results])
+    return float(np.median(gaps)), float(gaps.max()), joined[0]
+
+
+def stream(port: int, prompt: list[int], max_tokens: int) -> list[float]:
+    """Seconds from sending one streamed greedy completion to each of its tokens."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode())
+    start = time.perf_counter()
+    times: list[float] = []
+    with urllib.request.urlopen(request, timeout=3600) as reply:
+        for line in reply:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            times += [time.perf_counter() - start] * len(event["choices"][0]["token_ids"])
+    return times
+
+
+def offline_rate(bundle: Path, prompts: list[list[list[int]]], max_tokens: int, threads: int) -> float:
+    """Tokens/s of offline `generate` (prefill included) on one static batch: each client's first
+    prompt, the same runtime a replica runs, with no server and no HTTP."""
+    runtime = Runtime(bundle, provider="cpu", threads=threads)
     generate(runtime, [[1, 2, 3]], 4)  # warm-up
-    rates = {}
-    for clients in args.clients:
-        prompts = rng.integers(0, SHAPE["vocab_size"], (clients, args.prompt_length)).tolist()
-        best = float("inf")
-        for _ in range(2):  # best of two: these machines are shared and noisy
-            start = time.perf_counter()
-            tokens = generate(runtime, prompts, args.max_tokens)  # no EOS: every row makes max_tokens
-            best = min(best, time.perf_counter() - start)
-        rates[clients] = sum(map(len, tokens)) / best
-    return rates
+    batch = [mine[0] for mine in prompts]
+    start = time.perf_counter()
+    tokens = generate(runtime, batch, max_tokens)  # no EOS: every row makes max_tokens
+    return sum(map(len, tokens)) / (time.perf_counter() - start)
 
 
-def prepare(work: Path) -> Path:
+class serving:
+    """`parscale-export serve` on a free port for the `with` block, then SIGTERM."""
+
+    def __init__(self, bundle: Path, server: Server, args: argparse.Namespace) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "parscale_export.cli", "serve", str(bundle), "--port", str(self.port)]
+        command += ["--threads", str(args.threads), "--max-batch", str(args.max_batch), "--replica-cpus", "1"]
+        command += ["--max-queue", "256"]
+        if server.prefill_chunk is not None:
+            command += ["--prefill-chunk", str(server.prefill_chunk)]
+        self.log = (args.work / f"serve-{server.label.replace(' ', '-')}.log").open("w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> int:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                sys.exit(f"serve exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    stream(self.port, [1, 2, 3], 4)  # warm-up
+                    return self.port
+            except OSError:
+                time.sleep(0.5)
+        sys.exit("serve did not come up in 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        self.log.close()
+
+
+def prepare(work: Path, cache: str) -> Path:
     """Checkpoint and bundle, each made once, in child processes: torch stays out of this one,
     whose offline measurement should run as lean as the server's replica."""
-    checkpoint, bundle = work / "mid-p4", work / "mid-p4-fp32"
+    checkpoint, bundle = work / "mid-p4-ctx2560", work / f"mid-p4-ctx2560-fp32-{cache}"
     if not (checkpoint / "config.json").is_file():
         write = (
             "import sys; from pathlib import Path; "
@@ -124,48 +277,10 @@ def prepare(work: Path) -> Path:
         )
         subprocess.run([sys.executable, "-c", write, str(checkpoint)], check=True)
     if not (bundle / "manifest.json").is_file():
-        print("converting the mid-size P=4 checkpoint (fp32) ...", flush=True)
-        command = [
-            sys.executable,
-            "-m",
-            "parscale_export.cli",
-            "convert",
-            str(checkpoint),
-            "-o",
-            str(bundle),
-            "--force",
-        ]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        print(f"converting the mid-size P=4 checkpoint (fp32, --cache {cache}) ...", flush=True)
+        command = [sys.executable, "-m", "parscale_export.cli", "convert", str(checkpoint), "-o", str(bundle)]
+        subprocess.run([*command, "--cache", cache, "--force"], check=True, stdout=subprocess.DEVNULL)
     return bundle
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_up(port: int, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"serve exited with {server.returncode}; see its log")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    sys.exit("serve did not come up in 300 s")
-
-
-def post(port: int, prompt: list[int], max_tokens: int) -> tuple[int, float]:
-    """Generated tokens and seconds for one greedy completion."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode())
-    start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=600) as reply:
-        answer = json.loads(reply.read())
-    return len(answer["choices"][0]["token_ids"]), time.perf_counter() - start
 
 
 if __name__ == "__main__":
