@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
 from .bundle import DATA_FILE
+from .intweights import BITS, BLOCK_SIZE, pack
 
-BITS = {"int8": 8, "int4": 4}
-BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 ALIGN = 64  # byte alignment of each tensor in the data file
 CHUNK_BYTES = 64 << 20  # float32 weight columns quantized per step
@@ -147,7 +145,7 @@ def _quantize_weight(
     offset = _align(sink)
     scales = []
     for start in range(0, n, step):
-        packed, chunk_scales = _pack(np.ascontiguousarray(columns(start, min(n, start + step)), dtype=np.float32), bits)
+        packed, chunk_scales = pack(np.ascontiguousarray(columns(start, min(n, start + step)), dtype=np.float32), bits)
         sink.write(packed.tobytes())
         scales.append(chunk_scales)
     blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -158,34 +156,6 @@ def _quantize_weight(
     scale_dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)  # fp16 graphs need fp16 scales
     scales_t = _write(f"{weight}_scales", np.concatenate(scales).astype(scale_dtype), sink)
     return packed_t, scales_t, k, n
-
-
-def _pack(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric blockwise quantization of [K, N] along K, in MatMulNBits' layout:
-    packed [N, K/32, 32*bits/8] uint8 and scales [N, K/32]. Columns are independent."""
-    k, n = weight.shape
-    blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
-    if blocks * BLOCK_SIZE != k:
-        weight = np.pad(weight, ((0, blocks * BLOCK_SIZE - k), (0, 0)))
-    packed = np.zeros((n, blocks, BLOCK_SIZE * bits // 8), dtype=np.uint8)
-    scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, (blocks + 8 // bits - 1) // (8 // bits)), dtype=np.uint8)  # unused: symmetric
-    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    kernel(packed, weight, scales, zero_points, BLOCK_SIZE, n, k, True)
-    return packed, scales
-
-
-def dequantized(weight: np.ndarray, bits: int, scale_dtype: type[np.floating] = np.float32) -> np.ndarray:
-    """The float [K, N] matrix a MatMulNBits node made from `weight` [K, N] multiplies by: packed
-    by the kernel quantize_in_place uses, scales rounded as the graph stores them, and unpacked
-    with MatMulNBits' implicit zero point (8 for int4, 128 for int8). Validation's exact phases
-    give it to the PyTorch reference, so that only the arithmetic differs from the bundle."""
-    k, n = weight.shape
-    packed, scales = _pack(np.ascontiguousarray(weight, dtype=np.float32), bits)
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1) if bits == 4 else packed  # low nibble first
-    blocks = values.reshape(n, scales.shape[1], BLOCK_SIZE).astype(np.float32) - (1 << (bits - 1))
-    scales = scales.astype(scale_dtype).astype(np.float32)
-    return (blocks * scales[:, :, None]).reshape(n, -1)[:, :k].T
 
 
 def exact_kernels(model: onnx.ModelProto) -> onnx.ModelProto:

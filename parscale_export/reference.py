@@ -14,8 +14,8 @@ from torch import nn
 
 from .checkpoint import load_weights
 from .config import load_config
+from .intweights import BITS, dequantized
 from .model import ParScaleForCausalLM, build_model
-from .quantize import BITS, dequantized
 from .stepping import Stepper, positions
 
 

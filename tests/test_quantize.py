@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from parscale_export.checkpoint import load_weights
 from parscale_export.config import load_config
-from parscale_export.quantize import BLOCK_SIZE, dequantized
+from parscale_export.intweights import BLOCK_SIZE, dequantized
 from parscale_export.synthetic import parscale_config, write_checkpoint
 
 LINEAR_SUFFIXES = ("proj.weight", "lm_head.weight", "aggregate_layer.0.weight", "aggregate_layer.2.weight")
@@ -105,12 +105,12 @@ def test_dequantized_weights_are_what_matmulnbits_multiplies_by(bits: int) -> No
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from parscale_export.quantize import _pack
+    from parscale_export.intweights import pack
 
     rng = np.random.default_rng(bits)
     k, n = 80, 24
     weight = rng.standard_normal((k, n)).astype(np.float32)
-    packed, scales = _pack(weight, bits)
+    packed, scales = pack(weight, bits)
     node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=BLOCK_SIZE, accuracy_level=0)  # fmt: skip
     graph = helper.make_graph(
@@ -179,3 +179,12 @@ def test_quantizing_in_small_chunks_changes_no_byte(checkpoint, bundle, tmp_path
     quantize.quantize_in_place(chunked / "model.onnx", "int4")
     for name in ("model.onnx", "model.onnx.data"):
         assert (whole / name).read_bytes() == (chunked / name).read_bytes(), name
+
+
+def test_the_reference_does_not_import_the_quantizer() -> None:
+    """The oracle reads the integer arithmetic from intweights, below both, never from the code it checks."""
+    import subprocess
+    import sys
+
+    code = "import sys, parscale_export.reference; assert 'parscale_export.quantize' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
