@@ -8,6 +8,7 @@ Every check names the tensor or file at fault. The expected names and shapes are
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError
 from .jsonfile import read_json_object
-from .tensorfile import TensorFile
+from .tensorfile import DTYPES, ITEM_SIZES, TensorFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -108,6 +109,71 @@ def _tensor_names(path: Path) -> list[str]:
     return TensorFile(path).names()
 
 
+class Checkpoint:
+    """A checkpoint's tensors, checked against the config before any is read, then read on demand:
+    a whole tensor, or rows of one, converted to a dtype (convert streams weights this way, so
+    memory holds a slice of one tensor, not the model).
+
+    Construction reads only headers and raises CheckpointError for a missing, unexpected,
+    mis-shaped or non-float tensor, naming it; `read` raises it for non-finite values or values
+    that overflow the dtype asked for. `shapes` is every tensor the model reads, in
+    expected_shapes' order."""
+
+    def __init__(self, checkpoint_dir: Path, config: ModelConfig) -> None:
+        files = weight_files(checkpoint_dir)
+        expected = expected_shapes(config)
+        names = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
+        if config.tie_word_embeddings:
+            names.discard("lm_head.weight")  # tied: the head is the embedding, as in the official model
+        missing = sorted(set(expected) - names)
+        if missing:
+            raise CheckpointError(
+                f"{_missing_hint(files, checkpoint_dir)}: missing tensor {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        unexpected = sorted(names - set(expected))
+        if unexpected:
+            raise CheckpointError(
+                f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for this config "
+                f"(parscale_n={config.parscale_n}, layers={config.num_layers})"
+            )
+        opened: dict[Path, TensorFile] = {}
+        self.files: dict[str, TensorFile] = {}
+        for name, shape in expected.items():
+            tensors = self.files[name] = opened.setdefault(files[name], TensorFile(files[name]))
+            entry = tensors.entries[name]
+            if entry.shape != shape:
+                raise CheckpointError(
+                    f"{tensors.path}: tensor {name!r} has shape {list(entry.shape)}, the config implies {list(shape)}"
+                )
+            if entry.dtype not in DTYPES:
+                raise CheckpointError(
+                    f"{tensors.path}: tensor {name!r} has dtype {entry.dtype}; expected F32, F16 or BF16"
+                )
+        self.shapes = expected
+
+    def read(self, name: str, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop (along the first axis) of tensor `name`, converted to `dtype` and checked."""
+        tensors = self.files[name]
+        entry = tensors.entries[name]
+        rows, *rest = entry.shape
+        stop = rows if stop is None else stop
+        row_bytes = math.prod(rest) * ITEM_SIZES[entry.dtype]
+        buffer = bytearray((stop - start) * row_bytes)
+        if buffer:
+            try:
+                with tensors.path.open("rb") as f:
+                    f.seek(entry.begin + start * row_bytes)
+                    if f.readinto(buffer) != len(buffer):
+                        raise CheckpointError(f"{tensors.path}: tensor {name!r} is cut short; is the file truncated?")
+            except OSError as exc:
+                raise CheckpointError(f"{tensors.path}: {exc.strerror or exc}") from None
+            tensor = torch.frombuffer(buffer, dtype=DTYPES[entry.dtype]).reshape(stop - start, *rest)
+        else:
+            tensor = torch.empty((stop - start, *rest), dtype=DTYPES[entry.dtype])
+        return _checked(tensors.path, name, tensor, dtype)
+
+
 def load_weights(
     checkpoint_dir: Path,
     config: ModelConfig,
@@ -119,41 +185,16 @@ def load_weights(
     Raises CheckpointError for a missing, unexpected, mis-shaped, wrongly typed or non-finite
     tensor (or one that overflows `dtype`), naming it. `on_tensor(done, total)` reports progress.
     """
-    files = weight_files(checkpoint_dir)
-    expected = expected_shapes(config)
-    names = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
-    if config.tie_word_embeddings:
-        names.discard("lm_head.weight")  # tied: the head is the embedding, as in the official model
-    missing = sorted(set(expected) - names)
-    if missing:
-        raise CheckpointError(
-            f"{_missing_hint(files, checkpoint_dir)}: missing tensor {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    unexpected = sorted(names - set(expected))
-    if unexpected:
-        raise CheckpointError(
-            f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for this config "
-            f"(parscale_n={config.parscale_n}, layers={config.num_layers})"
-        )
+    checkpoint = Checkpoint(checkpoint_dir, config)
     weights: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    for path, file_names in by_file.items():
-        tensors = TensorFile(path)
-        for name in file_names:
-            weights[name] = _checked(path, name, tensors.read(name), expected[name], dtype)
-            if on_tensor:
-                on_tensor(len(weights), len(expected))
-    return weights
+    for name in sorted(checkpoint.shapes, key=lambda n: str(checkpoint.files[n].path)):  # file by file
+        weights[name] = checkpoint.read(name, dtype)
+        if on_tensor:
+            on_tensor(len(weights), len(checkpoint.shapes))
+    return {name: weights[name] for name in checkpoint.shapes}
 
 
-def _checked(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} has shape {list(tensor.shape)}, the config implies {list(shape)}"
-        )
+def _checked(path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not torch.isfinite(tensor).all():
         raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
     converted = tensor.to(dtype)
