@@ -1,16 +1,20 @@
 """Checkpoint -> ONNX bundle. The graph is `model.ParScaleForCausalLM` behind a flat signature
 whose names and axes come from the contract.
 
+The graph is traced without weights (fake tensors) and optimized as torch.onnx would; each weight
+initializer is then a recipe (weightwriter), and the weights stream from the checkpoint into the
+data file one band of rows at a time: a convert's memory does not grow with the model.
+
 The bundle is built in a temporary directory beside the target and renamed into place only
 when everything succeeded, so a failure or Ctrl-C never leaves a half-written bundle.
 """
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -23,24 +27,32 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import ml_dtypes
 import onnx
+import onnx_ir as ir
+import onnx_ir.convenience
+import onnx_ir.passes.common
+import onnxscript.optimizer
 import torch
 from onnxscript import values
 from onnxscript.onnx_opset import opset18, opset23, opset24
 from onnxscript.rewriter import onnx_fusions
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 
 from . import __version__
 from .bundle import COPIED_FILES, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE
-from .checkpoint import load_weights, weights_digest
+from .checkpoint import Checkpoint, weights_digest
 from .config import ModelConfig, load_config, special_tokens
 from .contract import BATCH, CACHE_KINDS, CACHE_NAMES, SEQUENCE, TOTAL, CacheKind, Contract
 from .environment import package_versions
 from .errors import BundleError, OutputError, UsageError
 from .genai import GENAI_CONFIG, genai_config
-from .model import ParScaleForCausalLM, build_model
-from .quantize import BITS, quantize_in_place
+from .intweights import BITS
+from .model import ParScaleForCausalLM, RotaryEmbedding, stacked_names
+from .quantize import quantize_graph
+from .weightwriter import Plain, Progress, Stack, nbytes, write_data
 
 # Contract v1 exports at opset 23 by default (ONNX's fused Attention op and RMSNormalization;
 # fastest on CPU in our study); v2 needs 24, for TensorScatter. The contract's CacheKind says which.
@@ -312,9 +324,14 @@ def convert(
     options: ExportOptions = DEFAULT_OPTIONS,
     force: bool = False,
     log: Log = lambda _: None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Export `checkpoint_dir` to a bundle at `out_dir` as `options` say. Raises
-    ParScaleExportError subclasses."""
+    ParScaleExportError subclasses.
+
+    The graph is traced without weights; then every weight streams from the checkpoint into the
+    data file (weightwriter.write_data), so memory holds a slice of one tensor, never the model.
+    `progress(bytes written, bytes in all)` follows that write."""
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     dtype, opset = options.dtype, options.graph_opset
@@ -326,12 +343,9 @@ def convert(
         f"  P={config.parscale_n} T={config.parscale_n_tokens} layers={config.num_layers} "
         f"heads={config.num_heads}/{config.num_kv_heads} head_dim={config.head_dim} vocab={config.vocab_size}"
     )
-    log("loading weights")
-    report = _every_quarter(lambda done, total: log(f"  {done}/{total} tensors"))
-    weights = load_weights(checkpoint_dir, config, on_tensor=report, dtype=EXPORT_DTYPES[dtype])
+    log("checking the checkpoint's tensors (names, shapes, dtypes)")
+    checkpoint = Checkpoint(checkpoint_dir, config)
     digest = weights_digest(checkpoint_dir)
-    model = build_model(config, weights, EXPORT_DTYPES[dtype])
-    del weights
     contract = contract_for(config, options)
     tokens = special_tokens(checkpoint_dir)
     if options.genai:
@@ -340,14 +354,17 @@ def convert(
             log(f"note: {note}")
 
     with _staging_dir(out_dir) as staging:
-        log(f"tracing and exporting to ONNX (opset {opset}, {dtype})")
-        _export_onnx(model, contract, staging / MODEL_FILE, opset, log)
-        del model  # the weights now live in model.onnx.data; free them before quantizing reloads it
-        gc.collect()
+        log(f"tracing and exporting to ONNX without weights (opset {opset}, {dtype})")
+        proto, recipes = _export_onnx(config, checkpoint, contract, opset, EXPORT_DTYPES[dtype], log)
         quantization = None
         if options.quantize:
-            log(f"quantizing linear weights to {options.quantize} (MatMulNBits)")
-            quantization = quantize_in_place(staging / MODEL_FILE, options.quantize)
+            log(f"quantizing linear weights to {options.quantize} (MatMulNBits) as they are written")
+            quantization = quantize_graph(proto, options.quantize, recipes)
+        size = sum(nbytes(recipes[t.name]) for t in proto.graph.initializer if t.name in recipes)
+        log(f"loading weights into {DATA_FILE} ({size / 2**30:.2f} GiB), a band of rows at a time")
+        write_data(proto.graph, recipes, checkpoint, staging / DATA_FILE, progress)
+        onnx.save(proto, str(staging / MODEL_FILE))
+        del proto
         log("checking the ONNX model")
         try:
             onnx.checker.check_model(str(staging / MODEL_FILE))
@@ -366,11 +383,24 @@ def convert(
     return ConvertResult(out_dir=out_dir, files=files, seconds=time.perf_counter() - start, config=config)
 
 
-def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, opset: int, log: Log) -> None:
-    """Trace with example sizes >= 2 and write model.onnx + model.onnx.data."""
-    c = model.config
+def _export_onnx(
+    config: ModelConfig, checkpoint: Checkpoint, contract: Contract, opset: int, dtype: torch.dtype, log: Log
+) -> tuple[onnx.ModelProto, dict[str, Plain]]:
+    """Trace the model without weights (its parameters are fake tensors: shapes and dtypes, no
+    storage) and optimize the graph as torch.onnx's own optimizer would, except that no node
+    reading a weight is folded: a Transpose or Reshape of a weight becomes part of that weight's
+    recipe instead (_fold_weight_views). Returns the graph, whose weight initializers are
+    placeholders, and the recipe of each."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a fake module cannot be cast afterwards (its parameters cannot be swapped)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            lm = ParScaleForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    lm.model.rotary_emb = RotaryEmbedding(config)  # computed from the config, real: a constant of the graph
+    lm.eval().requires_grad_(False)
     batch, seq, past = TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST
-    dtype = model.lm_head.weight.dtype
     # Traced with a small buffer even where the graph declares its capacity (_declare_shapes).
     length = contract.prefix_slots + past + seq + 2 if contract.cache.in_place else past
     cache = tuple(torch.zeros(contract.cache_shape(batch, length), dtype=dtype) for _ in contract.past_names())
@@ -384,7 +414,7 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
     s = Dim(SEQUENCE, min=1, max=1 << 20)
     p = Dim(contract.cache.past_axis, min=0 if not contract.cache.in_place else 2, max=1 << 20)
     t = Dim(TOTAL, min=1, max=1 << 21)
-    rows = b * c.parscale_n if c.parscale_n > 1 and contract.cache_layout == "rows" else b
+    rows = b * config.parscale_n if config.parscale_n > 1 and contract.cache_layout == "rows" else b
     dynamic_shapes = {
         "input_ids": {0: b, 1: s},
         "attention_mask": {0: b, 1: t},
@@ -393,9 +423,10 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
     }
     with _quiet_exporter(log):
         program = torch.onnx.export(
-            ExportGraph(model, contract).eval(),
+            ExportGraph(lm, contract).eval(),
             args,
             dynamo=True,
+            optimize=False,  # the optimizer's folding would read the (fake) weights: done below
             opset_version=opset,
             dynamic_shapes=dynamic_shapes,
             input_names=contract.input_names(),
@@ -408,12 +439,119 @@ def _export_onnx(model: ParScaleForCausalLM, contract: Contract, path: Path, ops
                 torch.ops.parscale.group_query_attention.default: _group_query_attention,
             },
         )
-        _fuse_norms(program.model)
-        log("  writing model.onnx and its external data")
-        program.save(str(path), external_data=True)
-    _finish_proto(path, opset, contract)
-    if not (path.parent / DATA_FILE).is_file():
-        raise BundleError(f"exporter did not write {DATA_FILE} beside {MODEL_FILE}")
+    model = program.model
+    del program, lm
+    log("  optimizing the graph (weights stay recipes)")
+    recipes = _weight_recipes(model, config, checkpoint, dtype)
+    _fold_weight_views(model, checkpoint, recipes)
+    with _quiet_exporter(log):
+        onnxscript.optimizer.optimize_ir(
+            model, should_fold=lambda node: False if any(v in recipes for v in node.inputs) else None
+        )
+        onnx_fusions.fuse(model)  # what torch.onnx's own optimize step runs after optimize_ir
+    _fold_weight_views(model, checkpoint, recipes)  # Reshapes whose shape only folding made constant
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    _fuse_norms(model)
+    by_name = {}
+    for value in model.graph.initializers.values():
+        if (recipe := recipes.get(value)) is not None:
+            by_name[value.name] = recipe
+            value.const_value = ir.ExternalTensor(DATA_FILE, 0, nbytes(recipe), ir.DataType(recipe.dtype),
+                                                  shape=ir.Shape(recipe.shape), name=value.name)  # fmt: skip
+    proto = ir.serde.serialize_model(model)
+    _finish_proto(proto, opset, contract)
+    return proto, by_name
+
+
+def _weight_recipes(model: ir.Model, config: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype) -> dict:
+    """Give every weight initializer of the traced graph (named as the module's state_dict, so
+    `lm.` + a checkpoint name, or a stacked projection) a recipe, and a lazy value that reads it:
+    the optimizer may read a small one (it compares initializers of up to 1024 elements), never
+    a large one (it folds no node that reads a weight). Returns the recipes by value (a dict
+    that holds the values: a value the optimizer drops is never mistaken for a new one)."""
+    stacked = stacked_names(config.num_layers)
+    if config.tie_word_embeddings:  # the tied pair is traced once, under the head's name
+        stacked["lm_head.weight"] = ["model.embed_tokens.weight"]
+    recipes = {}
+    for name, value in model.graph.initializers.items():
+        key = name.removeprefix("lm.")
+        parts = stacked.get(key, [key])
+        if not all(part in checkpoint.shapes for part in parts):
+            if value.const_value is None or isinstance(getattr(value.const_value, "raw", None), FakeTensor):
+                raise BundleError(f"traced initializer {name!r} is neither a checkpoint tensor nor a constant")
+            continue  # a real constant of the graph (the rotary frequencies)
+        stack = Stack(tuple(parts), tuple(checkpoint.shapes[p] for p in parts), dtype)
+        recipe = Plain(stack, stack.shape)
+        if tuple(value.shape) != recipe.shape:
+            raise BundleError(f"traced initializer {name!r} has shape {value.shape}, the checkpoint {recipe.shape}")
+        _attach(value, recipe, checkpoint, recipes)
+    return recipes
+
+
+def _attach(value: ir.Value, recipe: Plain, checkpoint: Checkpoint, recipes: dict) -> None:
+    value.const_value = ir.LazyTensor(
+        lambda: _evaluate(recipe, checkpoint), dtype=ir.DataType(recipe.dtype), shape=ir.Shape(recipe.shape)
+    )
+    recipes[value] = recipe
+
+
+def _evaluate(recipe: Plain, checkpoint: Checkpoint) -> ir.Tensor:
+    """A recipe's whole tensor in memory (only ever asked for small ones)."""
+    tensor = recipe.stack.rows(checkpoint, 0, recipe.stack.shape[0])
+    if recipe.perm is not None:
+        tensor = tensor.permute(recipe.perm)
+    tensor = tensor.contiguous().reshape(recipe.shape)
+    if tensor.dtype == torch.bfloat16:
+        return ir.Tensor(tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    return ir.Tensor(tensor.numpy())
+
+
+def _fold_weight_views(model: ir.Model, checkpoint: Checkpoint, recipes: dict) -> None:
+    """A Transpose or constant-shaped Reshape that is a weight's only reader becomes part of the
+    weight's recipe (the weight written transposed, or under its new shape), as torch.onnx's
+    optimizer would fold it into a new initializer. The folded weight keeps its name. A weight
+    with several readers (an embedding that is also the tied head) keeps its Transpose, as the
+    optimizer keeps it for large weights: ONNX Runtime folds it when the session starts."""
+    graph, folded = model.graph, True
+    while folded:
+        folded = False
+        for node in list(graph):
+            data = node.inputs[0] if node.inputs else None
+            if node.domain not in ("", "ai.onnx") or data not in recipes or len(data.uses()) != 1:
+                continue
+            recipe = recipes[data]
+            try:
+                if node.op_type == "Transpose":
+                    perm = node.attributes.get_ints("perm", None) or tuple(reversed(range(len(recipe.shape))))
+                    recipe = recipe.transposed(tuple(perm))
+                elif node.op_type == "Reshape" and (shape := ir.convenience.get_const_tensor(node.inputs[1])):
+                    recipe = recipe.reshaped(_reshaped(recipe.shape, shape.numpy().tolist(), node))
+                else:
+                    continue
+            except ValueError:
+                continue
+            name, out = data.name, node.outputs[0]
+            weight = ir.Value(shape=ir.Shape(recipe.shape), type=ir.TensorType(ir.DataType(recipe.dtype)))
+            out.replace_all_uses_with(weight)
+            graph.remove(node, safe=True)
+            graph.initializers.pop(name)
+            del recipes[data]
+            weight.name = name
+            _attach(weight, recipe, checkpoint, recipes)
+            graph.register_initializer(weight)
+            folded = True
+
+
+def _reshaped(shape: tuple[int, ...], target: list[int], node: ir.Node) -> tuple[int, ...]:
+    """ONNX Reshape's output shape: 0 copies the input's dimension (unless allowzero), -1 is inferred."""
+    allowzero = node.attributes.get_int("allowzero", 0)
+    out = [shape[i] if d == 0 and not allowzero else d for i, d in enumerate(target)]
+    if -1 in out:
+        known = math.prod(d for d in out if d != -1)
+        out[out.index(-1)] = math.prod(shape) // known if known else 0
+    if math.prod(out) != math.prod(shape):
+        raise ValueError(f"cannot reshape {shape} to {target}")
+    return tuple(out)
 
 
 def _fuse_norms(model) -> None:
@@ -429,7 +567,7 @@ def _fuse_norms(model) -> None:
             model.opset_imports[""] = opset
 
 
-def _finish_proto(path: Path, opset: int, contract: Contract) -> None:
+def _finish_proto(proto: onnx.ModelProto, opset: int, contract: Contract) -> None:
     """Check the opset, declare the oldest IR version it needs and the contract's fixed axes, drop
     per-node stack traces.
 
@@ -437,7 +575,6 @@ def _finish_proto(path: Path, opset: int, contract: Contract) -> None:
     they know, so an opset-18 graph declares IR 8 (nothing in it needs more). The stack traces
     embed absolute source paths, which would make two converts from different checkouts differ,
     and they are half the file."""
-    proto = onnx.load(str(path), load_external_data=False)
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise BundleError(f"torch.onnx wrote opset {written}, not the {opset} asked for")
@@ -446,7 +583,6 @@ def _finish_proto(path: Path, opset: int, contract: Contract) -> None:
     for node in proto.graph.node:
         del node.metadata_props[:]
     _declare_shapes(proto.graph, contract)
-    onnx.save(proto, str(path))
 
 
 def _declare_shapes(graph: onnx.GraphProto, contract: Contract) -> None:
@@ -550,14 +686,6 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
         staging.rename(out_dir)
 
 
-def _every_quarter(report: Callable[[int, int], None]) -> Callable[[int, int], None]:
-    def on_tensor(done: int, total: int) -> None:
-        if done * 4 // total != (done - 1) * 4 // total:
-            report(done, total)
-
-    return on_tensor
-
-
 class _StepRelay(io.TextIOBase):
     """Turns the exporter's own step lines ("[torch.onnx] Run decompositions...") into our
     progress log, so a minutes-long export of a large model does not look hung."""
@@ -579,7 +707,7 @@ class _StepRelay(io.TextIOBase):
 def _quiet_exporter(log: Log) -> Iterator[None]:
     """The exporter warns about things that do not concern our graph (torchvision, axis renames);
     its step lines become progress."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:

@@ -43,6 +43,7 @@ from .export import (
 from .genai import GENAI_CONFIG
 from .jsonfile import read_json_object
 from .tensorfile import TensorFile
+from .weightwriter import Progress
 
 # Per-member fields: everything else in the configs must agree.
 MEMBER_FIELDS = ("model_type", "parscale_n", "parscale_n_tokens", "parscale_attn_smooth")
@@ -136,6 +137,7 @@ def convert_family(
     options: ExportOptions = DEFAULT_OPTIONS,
     force: bool = False,
     log: Log = lambda _: None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Export each checkpoint, then store the weights the graphs share once. Nothing is written
     until every check has passed; the bundle appears at `out_dir` only when complete. Every
@@ -157,7 +159,7 @@ def convert_family(
             p = m.config.parscale_n
             log(f"exporting P={p} from {m.checkpoint}")
             part = staging / f".member-p{p}"
-            convert(m.checkpoint, part, options, log=lambda s: log("  " + s))
+            convert(m.checkpoint, part, options, log=lambda s: log("  " + s), progress=progress)
             manifests[p] = read_json_object(part / MANIFEST_FILE, OutputError)
             log(f"  storing P={p}'s weights beside those already stored")
             manifests[p]["files"] = store.add(p, part)

@@ -625,6 +625,12 @@ def _stacks(num_layers: int) -> Iterator[tuple[str, str, list[str]]]:
                 yield fused, f"{prefix}{fused}.{kind}", [f"{prefix}{part}.{kind}" for part in parts]
 
 
+def stacked_names(num_layers: int) -> dict[str, list[str]]:
+    """The model's stacked tensor names -> the checkpoint tensors each stacks, in order along the
+    output axis (what `stack_projections` concatenates)."""
+    return {fused: parts for _, fused, parts in _stacks(num_layers)}
+
+
 def stack_projections(weights: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
     """Checkpoint names -> the model's, in place: each layer's q/k/v (weights and biases) and
     gate/up concatenated along the output axis. The parts leave `weights` as their stack enters,

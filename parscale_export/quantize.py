@@ -1,69 +1,63 @@
 """Weight-only quantization of the linear layers: ONNX Runtime's MatMulNBits (int8 or int4).
 
-Every MatMul whose weight is a constant (an initializer, or the transpose of one, as for a head
-tied to the embedding) becomes MatMulNBits with symmetric blocks of 32 along the input
-dimension; embeddings, norms, biases, the prefix and the cache stay in the export dtype.
+Every MatMul by a weight (a Linear's, transposed as the checkpoint stores it, or the transpose
+of the embedding for a head tied to it) becomes MatMulNBits with symmetric blocks of 32 along the
+input dimension; embeddings, norms, biases, the prefix and the cache stay in the export dtype.
 accuracy_level 4 lets the CPU kernels use int8 activations: measured here it decoded 1.7x
 faster than accuracy_level 0 with the same drift.
 
-Why not ONNX Runtime's MatMulNBitsQuantizer: it loads the whole graph with its weights, and
-converting the 1.8B P=8 model peaked at 17 GiB. Here weights stream from the old external data
-file to a new one, one tensor at a time, packed by the same ORT kernels the quantizer calls.
+This rewrites the graph only: each quantized weight's recipe becomes two (weightwriter.Packed,
+the blocks and their scales), which the writer packs a band of rows at a time with the kernel
+ONNX Runtime's own MatMulNBitsQuantizer calls (intweights.pack). That quantizer loads the whole
+graph with its weights: converting the 1.8B P=8 model through it peaked at 17 GiB.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .bundle import DATA_FILE
-from .intweights import BITS, BLOCK_SIZE, pack
+from .intweights import BITS, BLOCK_SIZE
+from .weightwriter import Packed, Plain, Recipe, Stack, placeholder
 
 ACCURACY_LEVEL = 4
-ALIGN = 64  # byte alignment of each tensor in the data file
-CHUNK_BYTES = 64 << 20  # float32 weight columns quantized per step
 MS_DOMAIN = "com.microsoft"
 
 
-def quantize_in_place(model_path: Path, scheme: str) -> dict:
-    """Rewrite model.onnx and model.onnx.data at `model_path`'s folder with quantized linear
-    weights; returns the manifest's description of what was done."""
+def quantize_graph(proto: onnx.ModelProto, scheme: str, recipes: dict[str, Recipe]) -> dict:
+    """Turn `proto`'s MatMuls by weights into MatMulNBits, in place, replacing those weights'
+    recipes in `recipes` by packed ones; returns the manifest's description of what was done."""
     bits = BITS[scheme]
-    folder = model_path.parent
-    proto = onnx.load(str(model_path), load_external_data=False)
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
 
-    # MatMul nodes to rewrite: weight name -> (the initializer, transposed?)
-    targets: dict[str, tuple[TensorProto, bool]] = {}
+    # MatMul weight -> the [N, K] stack (rows = output columns) it multiplies by
+    targets: dict[str, Stack] = {}
     for node in graph.node:
         if node.op_type != "MatMul":
             continue
         weight = node.input[1]
-        if weight in initializers and len(initializers[weight].dims) == 2:
-            targets[weight] = (initializers[weight], False)
-        elif weight in producers and _is_2d_transpose(producers[weight]) and producers[weight].input[0] in initializers:
-            source = initializers[producers[weight].input[0]]
-            if len(source.dims) == 2:
-                targets[weight] = (source, True)
+        recipe = recipes.get(weight)
+        if isinstance(recipe, Plain) and (stack := recipe.matrix()) is not None:
+            targets[weight] = stack
+        elif weight in producers and _is_2d_transpose(producers[weight]):
+            source = recipes.get(producers[weight].input[0])
+            if isinstance(source, Plain) and source.perm is None and source.shape == source.stack.shape[:2]:
+                targets[weight] = source.stack
 
-    old_data, new_data = folder / DATA_FILE, folder / (DATA_FILE + ".partial")
-    new_initializers: list[TensorProto] = []
+    new_initializers = []
     packed_names: dict[str, tuple[str, str, int, int]] = {}  # weight -> (packed, scales, K, N)
-    with old_data.open("rb") as source, new_data.open("wb") as sink:
-        for weight, (tensor, transposed) in targets.items():
-            packed_t, scales_t, k, n = _quantize_weight(weight, tensor, transposed, bits, source, sink)
-            new_initializers += [packed_t, scales_t]
-            packed_names[weight] = (packed_t.name, scales_t.name, k, n)
-        still_used = {name for node in graph.node if node.op_type != "MatMul" or node.input[1] not in targets
-                      for name in node.input} | {o.name for o in graph.output}  # fmt: skip
-        for tensor in graph.initializer:
-            if tensor.name in still_used:
-                new_initializers.append(_copy(tensor, source, sink))
+    for weight, stack in targets.items():
+        n, k = stack.shape
+        names = f"{weight}_Q{bits}", f"{weight}_scales"
+        for name, part in zip(names, ("packed", "scales"), strict=True):
+            recipes[name] = Packed(stack, bits, part)
+            new_initializers.append(placeholder(name, recipes[name]))
+        packed_names[weight] = (*names, k, n)
+    still_used = {name for node in graph.node if node.op_type != "MatMul" or node.input[1] not in targets
+                  for name in node.input} | {o.name for o in graph.output}  # fmt: skip
+    initializers = {t.name: t for t in graph.initializer}
+    new_initializers += [t for t in graph.initializer if t.name in still_used]
 
     biases = _bias_adds(graph, packed_names, initializers)  # MatMul output -> its bias Add
     folded = {add.output[0] for add in biases.values()}
@@ -87,10 +81,10 @@ def quantize_in_place(model_path: Path, scheme: str) -> dict:
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(new_initializers)
+    for name in set(recipes) - {t.name for t in new_initializers}:
+        del recipes[name]  # weights now only read packed
     if not any(op.domain == MS_DOMAIN for op in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    new_data.replace(old_data)
-    onnx.save(proto, str(model_path))
     return {"scheme": scheme, "op": "MatMulNBits", "bits": bits, "block_size": BLOCK_SIZE, "symmetric": True,
             "accuracy_level": ACCURACY_LEVEL, "quantized_matmuls": len(packed_names)}  # fmt: skip
 
@@ -124,40 +118,6 @@ def _is_2d_transpose(node: onnx.NodeProto) -> bool:
     return node.op_type == "Transpose" and perm in (None, [1, 0])
 
 
-def _quantize_weight(
-    weight: str, tensor: TensorProto, transposed: bool, bits: int, source, sink
-) -> tuple[TensorProto, TensorProto, int, int]:
-    """Pack one weight into the new data file, CHUNK_BYTES of float32 at a time: a 151936 x 2048
-    head is 1.2 GB in float32, and only a slice of it ever needs to be in memory."""
-    if transposed:  # the stored tensor is [N, K]: rows are the output columns, contiguous on disk
-        n, k = tensor.dims
-
-        def columns(start: int, stop: int) -> np.ndarray:
-            return _read(tensor, source, start, stop).T
-    else:  # [K, N]: weights of this shape are small enough to read whole, then slice
-        k, n = tensor.dims
-        whole = _read(tensor, source)
-
-        def columns(start: int, stop: int) -> np.ndarray:
-            return whole[:, start:stop]
-
-    step = max(1, CHUNK_BYTES // (4 * k))
-    offset = _align(sink)
-    scales = []
-    for start in range(0, n, step):
-        packed, chunk_scales = pack(np.ascontiguousarray(columns(start, min(n, start + step)), dtype=np.float32), bits)
-        sink.write(packed.tobytes())
-        scales.append(chunk_scales)
-    blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
-    packed_t = TensorProto(
-        name=f"{weight}_Q{bits}", data_type=TensorProto.UINT8, dims=(n, blocks, BLOCK_SIZE * bits // 8)
-    )
-    _point(packed_t, offset, sink.tell() - offset)
-    scale_dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)  # fp16 graphs need fp16 scales
-    scales_t = _write(f"{weight}_scales", np.concatenate(scales).astype(scale_dtype), sink)
-    return packed_t, scales_t, k, n
-
-
 def exact_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with every MatMulNBits at accuracy level 0: float activations, so the CPU kernel
     computes with the dequantized weights exactly, where level 4 rounds activations to int8."""
@@ -167,59 +127,3 @@ def exact_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
                 if attribute.name == "accuracy_level":
                     attribute.i = 0
     return model
-
-
-def _external(tensor: TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def _read(tensor: TensorProto, source, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows start:stop of a tensor (all by default), from the external data file or the proto."""
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return onnx.numpy_helper.to_array(tensor)[start:stop]
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    rows, *rest = tensor.dims
-    stop = rows if stop is None else stop
-    row_bytes = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
-    source.seek(int(_external(tensor).get("offset", 0)) + start * row_bytes)
-    raw = source.read((stop - start) * row_bytes)
-    return np.frombuffer(raw, dtype=dtype).reshape(stop - start, *rest)
-
-
-def _align(sink) -> int:
-    """Pad the data file to the next ALIGN boundary and return that offset."""
-    sink.seek(0, 2)
-    offset = (sink.tell() + ALIGN - 1) // ALIGN * ALIGN
-    sink.write(b"\0" * (offset - sink.tell()))
-    return offset
-
-
-def _point(tensor: TensorProto, offset: int, length: int) -> TensorProto:
-    """Make `tensor` refer to bytes offset..offset+length of the new data file."""
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
-    return tensor
-
-
-def _write(name: str, array: np.ndarray, sink) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-    return _store(tensor, np.ascontiguousarray(array).tobytes(), sink)
-
-
-def _store(tensor: TensorProto, payload: bytes, sink) -> TensorProto:
-    """Append `payload` to the new data file, aligned, and point `tensor` at it."""
-    offset = _align(sink)
-    sink.write(payload)
-    return _point(tensor, offset, len(payload))
-
-
-def _copy(tensor: TensorProto, source, sink) -> TensorProto:
-    """Carry an untouched initializer over to the new data file (inline ones stay inline)."""
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return tensor
-    info = _external(tensor)
-    source.seek(int(info.get("offset", 0)))
-    return _store(tensor, source.read(int(info["length"])), sink)

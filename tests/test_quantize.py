@@ -135,19 +135,18 @@ def test_int4_drift_on_random_weights_is_reported_and_fails(tmp_path, capsys) ->
 
 
 def test_streaming_quantizer_equals_onnxruntimes(bundle, tmp_path) -> None:
-    """Same kernels, same layout: our weight-by-weight rewrite gives bitwise the logits of
-    ONNX Runtime's MatMulNBitsQuantizer (which loads the whole graph)."""
+    """Same kernels, same layout: convert --quantize int4, which packs each weight as it streams
+    from the checkpoint, gives bitwise the logits of ONNX Runtime's MatMulNBitsQuantizer (which
+    loads the whole graph) run over the float bundle."""
     import numpy as np
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from parscale_export.quantize import quantize_in_place
     from parscale_export.runtime import Runtime
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    for folder in (ours, theirs):
-        shutil.copytree(bundle(TINY), folder)
-    quantize_in_place(ours / "model.onnx", "int4")
+    assert main(["convert", str(TINY), "-o", str(ours), "--quantize", "int4"]) == 0
+    shutil.copytree(bundle(TINY), theirs)
     settings = dict(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=4)
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(theirs / "model.onnx")), **settings, algo_config=DefaultWeightOnlyQuantConfig(**settings)
@@ -167,16 +166,19 @@ def test_tied_head_is_quantized_too(tmp_path) -> None:
     assert manifest["quantization"]["quantized_matmuls"] == 2 * 4 + 1 + 2
 
 
-@pytest.mark.parametrize("checkpoint", [TINY, CONFORMANCE / "p4_mha_tied_nosmooth"], ids=["untied", "tied"])
-def test_quantizing_in_small_chunks_changes_no_byte(checkpoint, bundle, tmp_path, monkeypatch) -> None:
-    import parscale_export.quantize as quantize
+@pytest.mark.parametrize(
+    "checkpoint, scheme", [(TINY, "int4"), (CONFORMANCE / "p4_mha_tied_nosmooth", None)], ids=["int4", "tied-fp32"]
+)
+def test_writing_in_small_chunks_changes_no_byte(checkpoint, scheme, tmp_path, monkeypatch) -> None:
+    """Packed weights a few rows per step, transposed weights a few columns per step, the tied
+    embedding a few rows per step: the same bytes as whole tensors at once."""
+    import parscale_export.weightwriter as weightwriter
 
+    quantize = ["--quantize", scheme] if scheme else []
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"
-    for folder in (whole, chunked):
-        shutil.copytree(bundle(checkpoint), folder)
-    quantize.quantize_in_place(whole / "model.onnx", "int4")
-    monkeypatch.setattr(quantize, "CHUNK_BYTES", 4 * 48 * 3)  # a few columns per step
-    quantize.quantize_in_place(chunked / "model.onnx", "int4")
+    assert main(["convert", str(checkpoint), "-o", str(whole), *quantize]) == 0
+    monkeypatch.setattr(weightwriter, "CHUNK_BYTES", 4 * 48 * 3)  # a few rows or columns per step
+    assert main(["convert", str(checkpoint), "-o", str(chunked), *quantize]) == 0
     for name in ("model.onnx", "model.onnx.data"):
         assert (whole / name).read_bytes() == (chunked / name).read_bytes(), name
 
