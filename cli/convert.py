@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -122,7 +123,8 @@ def convert_command(
         max_length=max_length,
     )
     run = convert if len(checkpoints) == 1 else convert_family
-    result = run(checkpoints[0] if len(checkpoints) == 1 else checkpoints, output, options, force=force, log=log)
+    source = checkpoints[0] if len(checkpoints) == 1 else checkpoints
+    result = run(source, output, options, force=force, log=log, progress=ProgressBar())
     typer.echo(f"wrote {result.out_dir} in {result.seconds:.1f}s:")
     for name, size in result.files.items():
         typer.echo(f"  {name:28s} {human_size(size):>10s}")
@@ -140,3 +142,38 @@ def convert_command(
     )
     cuda_only = " --provider cuda" if dtype.value == "bf16" else ""
     typer.echo(f"next: parscale-export validate {result.out_dir}{cuda_only}")
+
+
+class ProgressBar:
+    """convert's weight write as a bar on stderr: bytes written, rate and time left. Redrawn in
+    place on a terminal; otherwise (a log file) one line per tenth."""
+
+    WIDTH = 24
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.last = -1  # bytes at the previous call: a smaller count starts a new write (a family's next member)
+        self.tenth = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < self.last or self.last < 0:
+            self.start, self.tenth = now, -1
+        self.last = done
+        tty = sys.stderr.isatty()
+        tenth = done * 10 // max(total, 1)
+        if not tty and tenth == self.tenth:
+            return
+        self.tenth = tenth
+        rate = done / max(now - self.start, 1e-9)
+        left = int((total - done) / rate) if rate else 0
+        filled = done * self.WIDTH // max(total, 1)
+        line = (
+            f"  [{'#' * filled}{'.' * (self.WIDTH - filled)}] {human_size(done)} of {human_size(total)}, "
+            f"{human_size(rate)}/s, {left // 60}:{left % 60:02d} left"
+        )
+        if tty:
+            sys.stderr.write("\r" + line + ("\n" if done >= total else ""))
+            sys.stderr.flush()
+        else:
+            typer.echo(line, err=True)
