@@ -17,6 +17,7 @@ Payloads are written in member order, then graph order, so two merges give ident
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -24,7 +25,8 @@ from onnx import TensorProto
 
 from .bundle import DATA_FILE, MODEL_FILE, SHARED_DATA_FILE, member_file
 
-ALIGN = 64  # byte alignment of each payload, as the quantizer writes them
+ALIGN = 64  # byte alignment of each payload, as convert writes them
+CHUNK = 64 << 20  # bytes read at a time
 
 
 class SharedStore:
@@ -47,14 +49,14 @@ class SharedStore:
             for tensor in proto.graph.initializer:
                 if tensor.data_location != TensorProto.EXTERNAL:
                     continue
-                payload = _payload(tensor, source)
-                key = _key(tensor, payload)
+                offset, length = _location(tensor)
+                key = _key(tensor, source, offset, length)
                 if key not in self.stored and first:
-                    self.stored[key] = (_append(shared, payload), len(payload))
+                    self.stored[key] = (_append(shared, source, offset, length), length)
                 if key in self.stored:
                     _point(tensor, SHARED_DATA_FILE, *self.stored[key])
                 else:
-                    _point(tensor, own_name, _append(own, payload), len(payload))
+                    _point(tensor, own_name, _append(own, source, offset, length), length)
             has_own = own.tell() > 0
         if not has_own:
             (self.out_dir / own_name).unlink()
@@ -63,24 +65,37 @@ class SharedStore:
         return {"model": model_name, "external_data": [SHARED_DATA_FILE, *([own_name] if has_own else [])]}
 
 
-def _payload(tensor: TensorProto, source) -> bytes:
+def _location(tensor: TensorProto) -> tuple[int, int]:
     info = {entry.key: entry.value for entry in tensor.external_data}
-    source.seek(int(info.get("offset", 0)))
-    return source.read(int(info["length"]))
+    return int(info.get("offset", 0)), int(info["length"])
 
 
-def _key(tensor: TensorProto, payload: bytes) -> str:
-    digest = hashlib.sha256(payload)
+def _chunks(source, offset: int, length: int) -> Iterator[bytes]:
+    """A payload CHUNK bytes at a time: the largest (an embedding) never whole in memory."""
+    source.seek(offset)
+    while length > 0:
+        chunk = source.read(min(CHUNK, length))
+        if not chunk:
+            raise OSError(f"data file ends {length} bytes before a tensor does")
+        length -= len(chunk)
+        yield chunk
+
+
+def _key(tensor: TensorProto, source, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in _chunks(source, offset, length):
+        digest.update(chunk)
     digest.update(f"{tensor.data_type}:{list(tensor.dims)}".encode())
     return digest.hexdigest()
 
 
-def _append(sink, payload: bytes) -> int:
-    """Pad `sink` to the next ALIGN boundary, write `payload` there, and return its offset."""
-    offset = (sink.tell() + ALIGN - 1) // ALIGN * ALIGN
-    sink.write(b"\0" * (offset - sink.tell()))
-    sink.write(payload)
-    return offset
+def _append(sink, source, offset: int, length: int) -> int:
+    """Pad `sink` to the next ALIGN boundary, copy the payload there, and return its offset."""
+    start = (sink.tell() + ALIGN - 1) // ALIGN * ALIGN
+    sink.write(b"\0" * (start - sink.tell()))
+    for chunk in _chunks(source, offset, length):
+        sink.write(chunk)
+    return start
 
 
 def _point(tensor: TensorProto, location: str, offset: int, length: int) -> None:
