@@ -191,10 +191,14 @@ class Scheduler:
             self._reset()
         return True
 
-    def _take(self, limit: int) -> list[Ticket]:
-        """Up to `limit` waiting tickets, oldest first."""
+    def _take(self, limit: int, fits: Callable[[list[Ticket]], bool] = lambda _group: True) -> list[Ticket]:
+        """Up to `limit` waiting tickets, oldest first, while `fits` accepts the group they would
+        make (the oldest is taken whenever `limit` allows)."""
+        taken: list[Ticket] = []
         with self._wake:
-            return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
+            while self._waiting and len(taken) < limit and (not taken or fits([*taken, self._waiting[0]])):
+                taken.append(self._waiting.popleft())
+        return taken
 
     def _emit(self, tickets: Sequence[Ticket], last_logits: np.ndarray) -> None:
         for row, ticket in enumerate(tickets):

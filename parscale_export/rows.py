@@ -4,20 +4,26 @@ one buffer, and nothing moves when another request joins or leaves.
 A replica allocates its cache once: one buffer per cache tensor, [max_batch, P*KV, capacity, D]
 (Runtime.empty_past(max_batch): zeros, on the device under CUDA). Rows [0, n) hold the n
 decoding sequences. A decode step is one call over just those rows (Runtime.run_rows binds them
-by address, so no other row is read, written or copied), with the mask [n, longest + 1]: each
+by address, so no other row is read, written or copied; mid-size P=4, one thread, 4 rows of 640
+tokens in use: 46 ms over those rows, 74 ms over all 16), with the mask [n, longest + 1]: each
 row's ones, its new 1 right after them, then zeros. v2 and v3 graphs read such right-padded rows
 exactly (model.PackedSlots): a row's new keys go right after its own last token, its positions
 come from its own mask.
 
 A request's life:
-  - admitted (oldest first) when a row is free and no other request is prefilling: it takes
-    row n, the first row after the decoding ones;
-  - prefilled over its own row alone, batch 1, in calls of at most `prefill_chunk` prompt tokens
-    and at most `prefill_chunk` tokens per step in all, between decode steps: a long prompt
-    stalls the running rows one chunk per step, not its whole prompt. Its first call writes the
-    learned prefix into its row (v3: the call whose mask is as long as its input);
-  - joins the decoding rows when its whole prompt is in. If decoding rows left meanwhile, its
-    cache moves down to row n: one sequence's cache, the only copy a join makes;
+  - admitted oldest first, into the rows right after the decoding ones, once this step's decode
+    is done. Requests that wait together are prefilled together: one call over their rows,
+    whole prompts padded on the right (no more padding than prompt), the first call of each
+    row, which writes the learned prefix there (v3: a call whose mask is as long as its input);
+  - while rows decode, a step prefills at most `prefill_chunk` prompt tokens (padding counted),
+    so a join stalls the running rows one chunk a step, not a whole prompt: a prompt longer
+    than what is left goes alone over its own row, batch 1, in chunks over several steps (v3
+    takes several new tokens over a past one sequence at a time), and the requests behind it
+    wait their turn. With no row decoding there is nobody to stall, and the step prefills
+    everything that gets a row, as offline generate's first call would;
+  - joins the decoding rows when its whole prompt is in. If decoding rows left while its prompt
+    went in by chunks, its cache moves down to row n: one sequence's cache, the only copy a
+    join makes;
   - leaves when it finishes: the sequence in the last decoding row moves into its row (one
     sequence's cache, nothing when it was the last row), so the decoding rows stay [0, n).
 Moving copies a row's used slots only (prefix and tokens), where the buffers live
@@ -35,8 +41,10 @@ import numpy as np
 from .batching import CANCELLED, Batcher, Request, Scheduler, Ticket
 from .contract import Contract
 
-# Prompt tokens fed per step while others decode (0: whole prompts, no limit). Measured on the
-# mid-size P=4 model (README, serving): see scripts/bench_serve.py --prefill-chunk.
+# Prompt tokens fed per step while others decode (0: whole prompts, no limit). Mid-size P=4, one
+# CPU thread, batch 1: a 512-token prompt costs 4.4-4.7 ms a token in chunks of 64 to 512; a
+# 2,048-token one 7.7 in chunks of 128 or 256, 8.2 in 512, 8.7 whole. 256 loses nothing and
+# stalls running rows about 1.2 s a step there (scripts/bench_serve.py --stall).
 DEFAULT_PREFILL_CHUNK = 256
 
 
@@ -94,8 +102,18 @@ class RowBatcher(Scheduler):
     def _advance(self) -> None:
         if self._rows:
             self._decode()
-        budget = self.prefill_chunk or math.inf
-        while budget > 0 and (self._filling is not None or self._admit()):
+        # With no row decoding or prefilling there is nobody to stall: what waits is prefilled as
+        # offline generate would, whole prompts in one call.
+        idle = not self._rows and self._filling is None
+        budget = math.inf if idle or not self.prefill_chunk else self.prefill_chunk
+        while budget > 0:
+            if self._filling is None:
+                group = self._admit(budget)
+                if self._filling is None:
+                    if not group:
+                        break
+                    budget -= self._prefill(group)
+                    continue
             budget -= self._fill(budget)
 
     def _decode(self) -> None:
@@ -118,14 +136,37 @@ class RowBatcher(Scheduler):
         self._rows.pop()
         self._lengths.pop()
 
-    def _admit(self) -> bool:
-        """Start prefilling the oldest waiting request in the first free row, if there is one."""
-        if len(self._rows) >= self.max_batch:
-            return False
-        taken = self._take(1)
-        if taken:
-            self._filling, self._fill_row, self._fed = taken[0], len(self._rows), 0
-        return bool(taken)
+    def _admit(self, budget: float) -> list[Ticket]:
+        """The oldest waiting requests that fit the free rows and, padded to the longest of them,
+        `budget` tokens (no more padding than prompt); or the oldest alone, to prefill in chunks
+        (`_filling`) when its prompt is longer than `budget`: then none. Empty when nothing can
+        start (or what started was cancelled while it waited)."""
+        group = self._take(self.max_batch - len(self._rows), lambda g: _padded(g) <= min(budget, 2 * _tokens(g)))
+        for ticket in [t for t in group if t.cancelled]:
+            group.remove(ticket)
+            ticket._finish(CANCELLED)
+        if len(group) == 1 and len(group[0].request.prompt) > budget:
+            self._filling, self._fill_row, self._fed = group[0], len(self._rows), 0
+            return []
+        return group
+
+    def _prefill(self, group: list[Ticket]) -> int:
+        """Whole prompts, one call over the rows after the decoding ones, padded on the right
+        (each row's logits are read at its last token); the rows then decode. Padded tokens spent."""
+        lengths = [len(t.request.prompt) for t in group]
+        ids = np.full((len(group), max(lengths)), self.pad_id, dtype=np.int64)  # [k, longest]
+        mask = np.zeros_like(ids)
+        for row, ticket in enumerate(group):
+            ids[row, : lengths[row]], mask[row, : lengths[row]] = ticket.request.prompt, 1
+        first = len(self._rows)
+        logits = self.engine.run_rows(ids, mask, self.buffers, first)
+        self._rows += group
+        self._lengths += lengths
+        self._emit(group, logits[np.arange(len(group)), np.array(lengths) - 1])
+        for row in reversed(range(first, len(self._rows))):
+            if self._rows[row].done:
+                self._leave(row)
+        return ids.size
 
     def _fill(self, budget: float) -> int:
         """Feed the prefilling request up to `budget` more prompt tokens; how many it took."""
@@ -171,3 +212,11 @@ def batcher_for(
     if contract.cache.in_place:
         return RowBatcher(engine, contract, eos_ids, pad_id, max_batch, max_queue, prefill_chunk)
     return Batcher(engine, contract, eos_ids, pad_id, max_batch, max_queue)
+
+
+def _tokens(group: list[Ticket]) -> int:
+    return sum(len(t.request.prompt) for t in group)
+
+
+def _padded(group: list[Ticket]) -> int:
+    return len(group) * max(len(t.request.prompt) for t in group)
