@@ -23,7 +23,7 @@ def profiled_placement(bundle):
 def test_cpu_session_profile_names_the_heavy_nodes_and_their_provider(bundle) -> None:
     placement = profiled_placement(bundle)
     heavy = summary(placement)
-    assert {"Attention", "MatMul", "RMSNormalization"} <= set(heavy)
+    assert {"GroupQueryAttention", "MatMul", "RMSNormalization"} <= set(heavy)  # the default contract's graph
     assert all(set(where) == {"CPUExecutionProvider"} for where in heavy.values())
     assert misplaced(placement, "CPUExecutionProvider") == []
 
@@ -31,7 +31,7 @@ def test_cpu_session_profile_names_the_heavy_nodes_and_their_provider(bundle) ->
 def test_heavy_nodes_on_cpu_fail_a_cuda_expectation(bundle) -> None:
     """The same CPU session judged as if CUDA had been asked for: every heavy op is named."""
     problems = misplaced(profiled_placement(bundle), "CUDAExecutionProvider")
-    assert any(p.startswith("Attention: ") and "on CPUExecutionProvider" in p for p in problems)
+    assert any(p.startswith("GroupQueryAttention: ") and "on CPUExecutionProvider" in p for p in problems)
     assert any(p.startswith("MatMul: ") for p in problems)
     assert any(p.startswith("RMSNormalization: ") for p in problems)
 

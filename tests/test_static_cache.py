@@ -41,7 +41,7 @@ def test_slots_hold_the_tokens_and_the_prefix(checkpoint, cache: str, bundle) ->
     rows b*P+p seen as heads p*KV..) and the prefix slots the checkpoint's prefix: tokens in
     [0, total) then the prefix (v2), or the prefix in [0, T) then the tokens (v3). Slots after
     both are untouched."""
-    v1, fixed = Runtime(bundle(checkpoint)), Runtime(bundle(checkpoint, cache=cache))
+    v1, fixed = Runtime(bundle(checkpoint, cache="dynamic")), Runtime(bundle(checkpoint, cache=cache))
     config = load_config(checkpoint)
     n, kv, d, t = config.parscale_n, config.num_kv_heads, config.head_dim, config.parscale_n_tokens
     weights = load_weights(checkpoint, config)
