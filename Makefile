@@ -21,7 +21,7 @@ $(GENAI)/.installed: constraints-genai.txt
 	$(GENAI)/bin/pip install --quiet --disable-pip-version-check -c constraints-genai.txt onnxruntime-genai numpy
 	touch $@
 
-# The oldest onnxruntime that runs `convert --opset 18` bundles, checked by tests/test_opset.py.
+# The oldest onnxruntime that runs `convert --opset 18` bundles, checked by tests/test_client_ort_old.py.
 $(OLDORT)/.installed: constraints-ort-old.txt
 	$(PYTHON) -m venv $(OLDORT)
 	$(OLDORT)/bin/pip install --quiet --disable-pip-version-check -c constraints-ort-old.txt onnxruntime numpy
