@@ -34,8 +34,8 @@ def serve_command(
         int,
         typer.Option(
             min=0,
-            help="In-place bundles (the default): prompt tokens prefilled per step while others decode, so a long "
-            "prompt does not stall them (0: whole prompts).",
+            help="In-place bundles (the default): prompt tokens prefilled per step while others decode (times "
+            "the requests waiting per running one), so a long prompt does not stall them (0: no limit).",
         ),
     ] = DEFAULT_PREFILL_CHUNK,
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per replica (0: its default).")] = 0,

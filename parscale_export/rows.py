@@ -15,11 +15,12 @@ A request's life:
     is done. Requests that wait together are prefilled together: one call over their rows,
     whole prompts padded on the right (no more padding than prompt), the first call of each
     row, which writes the learned prefix there (v3: a call whose mask is as long as its input);
-  - while rows decode, a step prefills at most `prefill_chunk` prompt tokens (padding counted),
-    so a join stalls the running rows one chunk a step, not a whole prompt: a prompt longer
-    than what is left goes alone over its own row, batch 1, in chunks over several steps (v3
-    takes several new tokens over a past one sequence at a time), and the requests behind it
-    wait their turn. With no row decoding there is nobody to stall, and the step prefills
+  - while rows decode, a step prefills at most `prefill_chunk` prompt tokens (padding counted)
+    for each request that could start per running one (rounded up), so a join stalls the
+    running rows by one chunk a step when few wait, not by a whole prompt: a prompt longer than
+    what is left goes alone over its own row, batch 1, in chunks over several steps (v3 takes
+    several new tokens over a past one sequence at a time), and the requests behind it wait
+    their turn. With no row decoding there is nobody to stall, and the step prefills
     everything that gets a row, as offline generate's first call would;
   - joins the decoding rows when its whole prompt is in. If decoding rows left while its prompt
     went in by chunks, its cache moves down to row n: one sequence's cache, the only copy a
@@ -102,10 +103,7 @@ class RowBatcher(Scheduler):
     def _advance(self) -> None:
         if self._rows:
             self._decode()
-        # With no row decoding or prefilling there is nobody to stall: what waits is prefilled as
-        # offline generate would, whole prompts in one call.
-        idle = not self._rows and self._filling is None
-        budget = math.inf if idle or not self.prefill_chunk else self.prefill_chunk
+        budget = self._budget()
         while budget > 0:
             if self._filling is None:
                 group = self._admit(budget)
@@ -115,6 +113,19 @@ class RowBatcher(Scheduler):
                     budget -= self._prefill(group)
                     continue
             budget -= self._fill(budget)
+
+    def _budget(self) -> float:
+        """Prompt tokens this step may prefill: `prefill_chunk` for each request that could start
+        (waiting, with a free row) per running one, rounded up. One chunk when few wait for many
+        running rows (a long prompt joining stalls them one chunk a step); more when many wait for
+        few, so that a burst of arrivals is not fed one chunk a step behind the first of them.
+        No limit with nobody running to stall, or `prefill_chunk` 0."""
+        running = len(self._rows) + (self._filling is not None)
+        if not running or not self.prefill_chunk:
+            return math.inf
+        with self._wake:
+            could_start = min(len(self._waiting), self.max_batch - running)
+        return self.prefill_chunk * max(1, math.ceil(could_start / running))
 
     def _decode(self) -> None:
         """One token for every decoding row: one call over rows [0, n)."""
@@ -177,7 +188,7 @@ class RowBatcher(Scheduler):
             self._filling = None
             return 0
         prompt = ticket.request.prompt
-        n = int(min(budget, len(prompt) - self._fed))
+        n = int(min(budget, self.prefill_chunk or math.inf, len(prompt) - self._fed))  # one chunk a call
         ids = np.array([prompt[self._fed : self._fed + n]], dtype=np.int64)  # [1, n]
         mask = np.ones((1, self._fed + n), dtype=np.int64)
         logits = self.engine.run_rows(ids, mask, self.buffers, self._fill_row)
