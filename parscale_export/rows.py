@@ -170,9 +170,9 @@ class RowBatcher(Scheduler):
         for row, ticket in enumerate(group):
             ids[row, : lengths[row]], mask[row, : lengths[row]] = ticket.request.prompt, 1
         first = len(self._rows)
-        logits = self.engine.run_rows(ids, mask, self.buffers, first)
-        self._rows += group
+        self._rows += group  # in flight from here: should the call fail, they fail with the others
         self._lengths += lengths
+        logits = self.engine.run_rows(ids, mask, self.buffers, first)
         self._emit(group, logits[np.arange(len(group)), np.array(lengths) - 1])
         for row in reversed(range(first, len(self._rows))):
             if self._rows[row].done:
