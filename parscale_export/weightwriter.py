@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint
 from .intweights import BLOCK_SIZE, blocks, pack
 
 ALIGN = 64  # byte alignment of each tensor in the data file
-CHUNK_BYTES = 64 << 20  # output bytes produced per step
+CHUNK_BYTES = 16 << 20  # output bytes produced per step
 # A recipe with any other permutation is computed whole: only small tensors (prefixes) have one.
 WHOLE_LIMIT = 256 << 20
 ONNX_TYPES = {
@@ -66,6 +66,15 @@ class Stack:
                 pieces.append(checkpoint.read(name, self.dtype, lo - offset, hi - offset))
             offset += shape[0]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def bands(self, checkpoint: Checkpoint, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) in bands of at most `step` rows, none spanning two parts (no copy
+        joins them)."""
+        offset = 0
+        for name, shape in zip(self.parts, self.shapes, strict=True):
+            for start in range(0, shape[0], step):
+                yield offset + start, checkpoint.read(name, self.dtype, start, min(shape[0], start + step))
+            offset += shape[0]
 
 
 @dataclass(frozen=True)
@@ -177,18 +186,19 @@ def _write(
     row_bytes = math.prod(rest) * stack.dtype.itemsize
     step = max(1, chunk // max(1, row_bytes))
     if recipe.perm is None:  # stored order: bands of rows, one after another
-        for start in range(0, rows, step):
-            band = _bytes(stack.rows(checkpoint, start, min(rows, start + step)))
-            _pwrite(fd, band, offset + start * row_bytes)
-            yield len(band)
+        for start, band in stack.bands(checkpoint, step):
+            data = _bytes(band)
+            _pwrite(fd, data, offset + start * row_bytes)
+            yield len(data)
     elif recipe.matrix() is not None:  # [N, K] -> [K, N]: a band of rows is a band of columns
         n, k = stack.shape
         item = stack.dtype.itemsize
-        for start in range(0, n, step):
-            band = stack.rows(checkpoint, start, min(n, start + step)).T.contiguous()  # [K, width]
+        for start, band in stack.bands(checkpoint, step):
+            band = band.T.contiguous()  # [K, width]
             width = band.shape[1]
-            for i, line in enumerate(band):
-                _pwrite(fd, _bytes(line), offset + (i * n + start) * item)
+            lines = np.asarray(_bytes(band)).reshape(k, width * item)
+            for i, line in enumerate(lines):
+                _pwrite(fd, line, offset + (i * n + start) * item)
             yield k * width * item
     else:
         if rows * row_bytes > WHOLE_LIMIT:
@@ -205,7 +215,7 @@ def _write_packed(
     """Packed blocks, a band of output rows at a time; their scales are kept for the scales'
     own initializer, which the quantizer places right after (or computed again if not)."""
     stack = recipe.stack
-    n, k = stack.shape
+    k = stack.shape[1]
     scale_type = NUMPY_TYPES[stack.dtype]
     if recipe.part == "scales" and stack in pending_scales:
         data = pending_scales.pop(stack).tobytes()
@@ -214,12 +224,11 @@ def _write_packed(
         return
     step = max(1, chunk // (4 * k))  # float32 rows per step
     position, scales = offset, []
-    for start in range(0, n, step):
-        rows = stack.rows(checkpoint, start, min(n, start + step)).float().numpy()
-        packed, band_scales = pack(rows.T, recipe.bits)
+    for _, band in stack.bands(checkpoint, step):
+        packed, band_scales = pack(band.float().numpy().T, recipe.bits)
         scales.append(band_scales.astype(scale_type))
         if recipe.part == "packed":
-            _pwrite(fd, packed.tobytes(), position)
+            _pwrite(fd, packed, position)
             position += packed.nbytes
             yield packed.nbytes
     all_scales = np.concatenate(scales)
