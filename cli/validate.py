@@ -12,9 +12,15 @@ import typer
 
 from parscale_export.bundle import read_manifest
 from parscale_export.errors import OutputError, UsageError, ValidationFailed
-from parscale_export.validate import Report, Settings, Thresholds, default_thresholds, run_validation
+from parscale_export.validate import HOW, Report, Settings, Thresholds, default_thresholds, run_validation
 
 EP = "ExecutionProvider"
+
+
+class Way(StrEnum):
+    auto = "auto"
+    whole = "whole"
+    layers = "layers"
 
 
 class Provider(StrEnum):
@@ -49,6 +55,14 @@ def validate_command(
     parallel: Annotated[
         int | None, typer.Option(min=1, help="For a family bundle: validate this P only (default: every P).")
     ] = None,
+    reference: Annotated[
+        Way,
+        typer.Option(
+            help="How the float32 PyTorch reference holds its weights. whole: all in memory (4 bytes a "
+            "parameter). layers: each layer's weights read from the checkpoint as it runs (memory: one layer; "
+            "slower). auto: layers when the whole model would take over a quarter of the available memory."
+        ),
+    ] = Way.auto,
 ) -> None:
     """Check that a bundle computes what the PyTorch reference computes.
 
@@ -75,8 +89,9 @@ def validate_command(
         if manifest.family:
             typer.echo(f"== P={size}")
         result = run_validation(
-            bundle, checkpoint, provider.value, settings, limits, log=lambda m: typer.echo(m, err=True), parallel=size
-        )
+            bundle, checkpoint, provider.value, settings, limits, log=lambda m: typer.echo(m, err=True),
+            parallel=size, reference_way=reference.value,
+        )  # fmt: skip
         _print_table(result)
         results.append(result)
     if report:
@@ -104,6 +119,7 @@ def validate_command(
 
 
 def _print_table(report: Report) -> None:
+    typer.echo(f"reference: PyTorch, {HOW[report.reference]}")
     typer.echo(f"thresholds: {_limits(report.thresholds)}")
     if report.exact_thresholds:
         typer.echo(f"exact phases (float activations, the bundle's weights): {_limits(report.exact_thresholds)}")

@@ -46,17 +46,24 @@ def pack(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unpack(packed: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
-    """The float32 [K, N] matrix MatMulNBits multiplies by, from `packed` and `scales` as the
-    graph stores them (scales in the graph's dtype): each value minus the implicit zero point
-    (8 for int4, 128 for int8), times its block's scale."""
+    """What MatMulNBits multiplies by, as float32 rows [N, K] (row n: output n's weights, the
+    layout of a Linear's weight), from `packed` and `scales` as the graph stores them (scales in
+    the graph's dtype): each value minus the implicit zero point (8 for int4, 128 for int8),
+    times its block's scale."""
     n, count = scales.shape
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1) if bits == 4 else packed  # low nibble first
-    centred = values.reshape(n, count, BLOCK_SIZE).astype(np.float32) - (1 << (bits - 1))
-    return (centred * scales.astype(np.float32)[:, :, None]).reshape(n, -1)[:, :k].T
+    rows = np.empty((n, count, BLOCK_SIZE), dtype=np.float32)
+    if bits == 4:  # two values a byte, low nibble first
+        rows[..., 0::2] = packed & 0x0F
+        rows[..., 1::2] = packed >> 4
+    else:
+        rows[...] = packed
+    rows -= 1 << (bits - 1)
+    rows *= scales.astype(np.float32)[:, :, None]
+    return rows.reshape(n, -1)[:, :k]
 
 
 def dequantized(weight: np.ndarray, bits: int, scale_dtype: type[np.floating] = np.float32) -> np.ndarray:
-    """What a MatMulNBits node made from `weight` [K, N] multiplies by: packed, scales rounded
-    to `scale_dtype` as the graph stores them, and unpacked."""
+    """What a MatMulNBits node made from `weight` [K, N] multiplies by, also [K, N]: packed,
+    scales rounded to `scale_dtype` as the graph stores them, and unpacked."""
     packed, scales = pack(weight, bits)
-    return unpack(packed, scales.astype(scale_dtype), weight.shape[0], bits)
+    return unpack(packed, scales.astype(scale_dtype), weight.shape[0], bits).T

@@ -67,6 +67,11 @@ DEFAULT_THRESHOLDS = {
 }
 
 
+HOW = {
+    "whole": "float32, every weight in memory",
+    "layers": "float32, layer by layer: each layer's weights read from the checkpoint as it runs",
+}
+
 CPU_FALLBACK_WARNING = (
     "WARNING: CUDA is not usable here, so this validation runs on ONNX Runtime's CPU provider.\n"
     "         It says nothing about the CUDA provider you may deploy on; rerun on a GPU machine."
@@ -122,6 +127,7 @@ class Report:
     versions: dict[str, str | None]
     parscale_n: int | None = None
     exact_thresholds: Thresholds | None = None  # a quantized bundle's exact phases: its dtype's thresholds
+    reference: str = "whole"  # how the PyTorch reference held its weights: "whole" or "layers" (reference.py)
 
     @property
     def passed(self) -> bool:
@@ -298,8 +304,11 @@ def run_validation(
     thresholds: Thresholds | None = None,
     log=lambda _: None,
     parallel: int | None = None,
+    reference_way: str = "auto",
 ) -> Report:
-    """Validate one bundle, or the member P = `parallel` of a family bundle (default: its largest)."""
+    """Validate one bundle, or the member P = `parallel` of a family bundle (default: its largest).
+    `reference_way`: how the PyTorch reference holds its weights (reference.WAYS; "auto": layer by
+    layer when the float32 model would crowd memory)."""
     manifest = read_manifest(bundle_dir, parallel)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else manifest.source_checkpoint
     if checkpoint_dir is None:
@@ -316,15 +325,17 @@ def run_validation(
     runtime.prefill(np.ones((1, 2), np.int64), np.ones((1, 2), np.int64), reserve=0)
     placement = runtime.placement()
     bundle = _CheckedRuntime(runtime)
-    log(f"loading the PyTorch reference from {checkpoint_dir}")
-    reference = Reference.from_checkpoint(checkpoint_dir)
+    reference = Reference.from_checkpoint(checkpoint_dir, way=reference_way)
+    log(f"PyTorch reference from {checkpoint_dir}: {HOW[reference.how]}")
     phases = compare(bundle, reference, manifest.contract.vocab_size, settings, limits, log)
-    problems, used = list(bundle.problems), runtime.provider
+    problems, used, how = list(bundle.problems), runtime.provider, reference.how
     del reference, bundle, runtime  # the exact phases load a second session and model: not beside these
     exact_limits = None
     if manifest.quantization:
         exact_limits = DEFAULT_THRESHOLDS[manifest.dtype]
-        exact, exact_problems = _exact_phases(manifest, bundle_dir, checkpoint_dir, used, settings, exact_limits, log)
+        exact, exact_problems = _exact_phases(
+            manifest, bundle_dir, checkpoint_dir, used, settings, exact_limits, log, how
+        )
         phases += exact
         problems += exact_problems
 
@@ -345,6 +356,7 @@ def run_validation(
         versions=package_versions("onnxruntime-gpu", "onnxruntime", "torch", "onnx"),
         parscale_n=manifest.contract.parscale_n,
         exact_thresholds=exact_limits,
+        reference=how,
     )
 
 
@@ -356,6 +368,7 @@ def _exact_phases(
     settings: Settings,
     limits: Thresholds,
     log,
+    reference_way: str,
 ) -> tuple[list[PhaseResult], list[str]]:
     """A quantized bundle's own phases compare it with the float model under thresholds wide
     enough for quantization, which also let a wrong prefix or bias through (a prefix scaled by
@@ -367,7 +380,8 @@ def _exact_phases(
     graph = exact_kernels(onnx.load(str(manifest.model_path), load_external_data=False)).SerializeToString()
     runtime = Runtime(bundle_dir, provider=provider, parallel=manifest.contract.parscale_n, graph=graph)
     exact = _CheckedRuntime(runtime)
-    reference = Reference.from_checkpoint(checkpoint_dir, manifest.quantization, manifest.contract.np_dtype)
+    dtype = manifest.contract.np_dtype
+    reference = Reference.from_checkpoint(checkpoint_dir, manifest.quantization, dtype, reference_way)
     phases = compare(exact, reference, manifest.contract.vocab_size, settings, limits, log)
     return [replace(phase, name=f"exact {phase.name}") for phase in phases], exact.problems
 
