@@ -1,5 +1,10 @@
-"""Make a random checkpoint shaped like the released ParScale 1.8B P=8 model and convert it,
-printing wall time and peak memory; optionally time decoding of the bundle at given contexts.
+"""Make a random checkpoint shaped like a released ParScale P=8 model (1.8B or 4.7B) and convert
+it, printing wall time, peak memory and bundle size; optionally validate the bundle and time
+decoding at given contexts.
+
+Peak memory is the anonymous resident memory of the command's whole process tree (peakmemory),
+sampled from /proc: what the process holds, not the page cache of the files it reads and
+writes (a memory cgroup's peak counts both; ru_maxrss counts mapped files).
 
 Decode is timed after a synthetic context: the cache is a past of `--context` tokens (v1) or a
 buffer whose first `--context` slots count as written (v2, v3), filled with a constant, not the
@@ -9,9 +14,11 @@ mapped yet, every one of them the same shared zero page, and reading them costs 
 (the mid-size P=4 int4 v2 step at context 960 took 1.9 ms over such a buffer, 2.75 ms over a
 written one); the values themselves do not change a step's cost.
 
-Not part of CI (minutes, ~4 GB of checkpoint and up to 8 GB of bundle per dtype). Example:
-  .venv/bin/python scripts/full_size.py --dtype fp32 --decode --context 32 --context 2048
-  .venv/bin/python scripts/full_size.py --dtype fp32 --quantize int4 --cache static --decode
+Not part of CI (minutes; the 4.7B checkpoint is 9.4 GB of bf16 and its fp32 bundle 18 GB).
+The checkpoint is written a shard at a time, so making it holds one shard, not the model.
+Examples:
+  .venv/bin/python scripts/full_size.py --shape 1.8b --dtype fp32 --decode --context 32 --context 2048
+  .venv/bin/python scripts/full_size.py --shape 4.7b --quantize int4 --validate --decode
 """
 
 from __future__ import annotations
@@ -19,21 +26,67 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 
-from parscale_export.synthetic import parscale_config, write_checkpoint
+from parscale_export.checkpoint import INDEX_FILE, expected_shapes
+from parscale_export.config import parse_config
+from parscale_export.peakmemory import run_measured
+from parscale_export.synthetic import DTYPES, parscale_config
 
-SHAPE = dict(
-    num_hidden_layers=36, hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=2,
-    vocab_size=151936, parscale_n=8, parscale_n_tokens=48, tie_word_embeddings=True, torch_dtype="bfloat16",
-    max_position_embeddings=32768, rope_theta=1000000.0,
-)  # fmt: skip
+COMMON = dict(num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, parscale_n=8, parscale_n_tokens=48,
+              tie_word_embeddings=True, torch_dtype="bfloat16", max_position_embeddings=32768,
+              rope_theta=1000000.0)  # fmt: skip
+SHAPES = {
+    "1.8b": COMMON | dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=5504),
+    "4.7b": COMMON | dict(num_hidden_layers=36, hidden_size=2560, intermediate_size=13824),
+}
+SHARD_BYTES = 1 << 30
+CLI = [sys.executable, "-c", "from parscale_export.cli.main import run; run()"]
+
+
+def write_synthetic(directory: Path, raw: dict, seed: int = 0) -> None:
+    """Random weights (drawn as synthetic.random_weights draws them) in shards of about
+    SHARD_BYTES, each written as soon as it is full: memory holds one shard."""
+    config = parse_config(raw)
+    dtype = DTYPES[raw["torch_dtype"]]
+    shapes = expected_shapes(config)
+    groups, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name in names:
+            shape = shapes[name]
+            if name.endswith("norm.weight"):
+                tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            elif name.endswith(("prefix_k", "prefix_v", "embed_tokens.weight")):
+                tensor = torch.randn(shape, generator=gen)
+            elif name.endswith("bias"):
+                tensor = 0.1 * torch.randn(shape, generator=gen)
+            else:
+                tensor = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+            shard[name] = tensor.to(dtype).contiguous()
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, file)
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": raw["vocab_size"] - 1}) + "\n")
 
 
 def decode_speed(bundle: Path, context: int, steps: int) -> float:
@@ -57,45 +110,62 @@ def decode_speed(bundle: Path, context: int, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def gib(size: float) -> float:
+    return round(size / 2**30, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="1.8b")
     parser.add_argument("--work", type=Path, default=Path("build/full-size"))
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--quantize", choices=["int8", "int4"])
-    parser.add_argument("--cache", choices=["dynamic", "static", "gqa"], default="dynamic", help="contract v1, v2, v3")
+    parser.add_argument("--cache", choices=["dynamic", "static", "gqa"], default="gqa", help="contract v1, v2, v3")
+    parser.add_argument("--validate", action="store_true", help="also validate the bundle (CPU), measured")
     parser.add_argument("--decode", action="store_true", help="also time batch-1 decode on 2 threads")
     parser.add_argument("--context", type=int, action="append", help="tokens in the cache when timing (default 32)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed at each context")
+    parser.add_argument("--drop", action="store_true", help="delete the bundle afterwards (they are large)")
     args = parser.parse_args()
     args.context = args.context or [32]
-    checkpoint = args.work / "checkpoint-1.8b-p8"
-    if not (checkpoint / "model.safetensors").is_file():
+    checkpoint = args.work / f"checkpoint-{args.shape}-p8"
+    if not (checkpoint / INDEX_FILE).is_file():
         start = time.perf_counter()
-        write_checkpoint(checkpoint, parscale_config(**SHAPE), seed=0)
+        write_synthetic(checkpoint, parscale_config(**SHAPES[args.shape]), seed=0)
         print(f"made {checkpoint} in {time.perf_counter() - start:.0f}s", flush=True)
-    name = f"bundle-{args.dtype}" + (f"-{args.quantize}" if args.quantize else "")
-    name += {"dynamic": "", "static": "-v2", "gqa": "-v3"}[args.cache]
+    name = f"bundle-{args.shape}-{args.dtype}" + (f"-{args.quantize}" if args.quantize else "")
+    name += {"dynamic": "-v1", "static": "-v2", "gqa": "-v3"}[args.cache]
     bundle = args.work / name
-    command = [sys.executable, "-c", "from parscale_export.cli.main import run; run()", "convert", str(checkpoint),
-               "-o", str(bundle), "--dtype", args.dtype, "--force"]  # fmt: skip
+    command = [*CLI, "convert", str(checkpoint), "-o", str(bundle), "--dtype", args.dtype, "--force"]
     if args.quantize:
         command += ["--quantize", args.quantize]
+    command += ["--cache", args.cache]
     if args.cache != "dynamic":
-        command += ["--cache", args.cache, "--max-length", str(max(args.context) + args.steps + 1)]
-    result = {"machine": platform.machine(), "bundle": name}
+        command += ["--max-length", str(max(args.context) + args.steps + 1)]
+    result = {"machine": platform.machine(), "shape": args.shape, "bundle": name}
     if (bundle / "manifest.json").is_file():
         result["convert"] = "reused the bundle already there"
     else:
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        result["convert_seconds"] = round(time.perf_counter() - start, 1)
-        result["convert_peak_rss_gib"] = round(peak_kib / 2**20, 2)
-    result["bundle_gib"] = round(sum(p.stat().st_size for p in bundle.iterdir()) / 2**30, 2)
+        measured = run_measured(command)
+        if measured.returncode:
+            raise SystemExit(f"convert failed ({measured.returncode})")
+        result["convert_seconds"] = round(measured.seconds, 1)
+        result["convert_peak_anon_gib"] = gib(measured.peak_anon_bytes)
+    result["bundle_gib"] = gib(sum(p.stat().st_size for p in bundle.iterdir() if p.is_file()))
+    if args.validate:
+        report = args.work / f"{name}-validate.json"
+        measured = run_measured([*CLI, "validate", str(bundle), "--provider", "cpu", "--report", str(report)])
+        verdict = json.loads(report.read_text()) if report.is_file() else {}
+        result["validate"] = verdict.get("verdict", f"exit {measured.returncode}")
+        result["validate_reference"] = verdict.get("reference")
+        result["validate_seconds"] = round(measured.seconds, 1)
+        result["validate_peak_anon_gib"] = gib(measured.peak_anon_bytes)
     if args.decode:
         speeds = {ctx: round(decode_speed(bundle, ctx, args.steps), 2) for ctx in args.context}
         result["decode_tokens_per_second"] = speeds
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    if args.drop:
+        shutil.rmtree(bundle)
 
 
 if __name__ == "__main__":
