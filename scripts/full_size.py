@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import sys
@@ -37,6 +38,7 @@ from safetensors.torch import save_file
 
 from parscale_export.checkpoint import INDEX_FILE, expected_shapes
 from parscale_export.config import parse_config
+from parscale_export.intweights import BLOCK_SIZE
 from parscale_export.peakmemory import run_measured
 from parscale_export.synthetic import DTYPES, parscale_config
 
@@ -48,12 +50,27 @@ SHAPES = {
     "4.7b": COMMON | dict(num_hidden_layers=36, hidden_size=2560, intermediate_size=13824),
 }
 SHARD_BYTES = 1 << 30
+# The weights MatMulNBits quantizes: every projection, the aggregation MLP's and the (tied) head's.
+GRID_SUFFIXES = ("proj.weight", "aggregate_layer.0.weight", "aggregate_layer.2.weight", "embed_tokens.weight")
 CLI = [sys.executable, "-c", "from parscale_export.cli.main import run; run()"]
 
 
-def write_synthetic(directory: Path, raw: dict, seed: int = 0) -> None:
-    """Random weights (drawn as synthetic.random_weights draws them) in shards of about
-    SHARD_BYTES, each written as soon as it is full: memory holds one shard."""
+def on_int4_grid(weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A matrix [out, in] that int4 MatMulNBits holds exactly, also in bf16 and fp16: each block of
+    32 inputs is integers in [-8, 7] times one scale, led by -8 (which fixes the scale the
+    quantizer picks), the scales with 4 significant bits (so every product has at most 8)."""
+    rows, cols = weight.shape
+    ints = torch.randint(-7, 8, (rows, cols // BLOCK_SIZE, BLOCK_SIZE), generator=gen).float()
+    ints[:, :, 0] = -8
+    mantissa = 1 + torch.randint(0, 8, (rows, cols // BLOCK_SIZE, 1), generator=gen).float() / 8
+    scale = mantissa * 2.0 ** math.floor(math.log2(0.25 / cols**0.5))
+    return (ints * scale).reshape(rows, cols)
+
+
+def write_synthetic(directory: Path, raw: dict, seed: int = 0, grid: bool = False) -> None:
+    """Random weights (drawn as synthetic.random_weights draws them; with `grid`, every matrix
+    int4 quantizes, the tied head included, on_int4_grid) in shards of about SHARD_BYTES, each
+    written as soon as it is full: memory holds one shard."""
     config = parse_config(raw)
     dtype = DTYPES[raw["torch_dtype"]]
     shapes = expected_shapes(config)
@@ -81,6 +98,8 @@ def write_synthetic(directory: Path, raw: dict, seed: int = 0) -> None:
                 tensor = 0.1 * torch.randn(shape, generator=gen)
             else:
                 tensor = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+            if grid and name.endswith(GRID_SUFFIXES):
+                tensor = on_int4_grid(tensor, gen)
             shard[name] = tensor.to(dtype).contiguous()
         save_file(shard, directory / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(names, file)
@@ -126,14 +145,21 @@ def main() -> None:
     parser.add_argument("--context", type=int, action="append", help="tokens in the cache when timing (default 32)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed at each context")
     parser.add_argument("--drop", action="store_true", help="delete the bundle afterwards (they are large)")
+    parser.add_argument(
+        "--int4-grid",
+        action="store_true",
+        help="draw every quantized matrix on int4's grid, so an int4 bundle holds the weights exactly and "
+        "validate's int4 thresholds (measured on trained weights) mean something on random ones",
+    )
     args = parser.parse_args()
     args.context = args.context or [32]
-    checkpoint = args.work / f"checkpoint-{args.shape}-p8"
+    checkpoint = args.work / (f"checkpoint-{args.shape}-p8" + ("-int4-grid" if args.int4_grid else ""))
     if not (checkpoint / INDEX_FILE).is_file():
         start = time.perf_counter()
-        write_synthetic(checkpoint, parscale_config(**SHAPES[args.shape]), seed=0)
+        write_synthetic(checkpoint, parscale_config(**SHAPES[args.shape]), seed=0, grid=args.int4_grid)
         print(f"made {checkpoint} in {time.perf_counter() - start:.0f}s", flush=True)
-    name = f"bundle-{args.shape}-{args.dtype}" + (f"-{args.quantize}" if args.quantize else "")
+    name = f"bundle-{args.shape}" + ("-grid" if args.int4_grid else "") + f"-{args.dtype}"
+    name += f"-{args.quantize}" if args.quantize else ""
     name += {"dynamic": "-v1", "static": "-v2", "gqa": "-v3"}[args.cache]
     bundle = args.work / name
     command = [*CLI, "convert", str(checkpoint), "-o", str(bundle), "--dtype", args.dtype, "--force"]
@@ -142,7 +168,7 @@ def main() -> None:
     command += ["--cache", args.cache]
     if args.cache != "dynamic":
         command += ["--max-length", str(max(args.context) + args.steps + 1)]
-    result = {"machine": platform.machine(), "shape": args.shape, "bundle": name}
+    result = {"machine": platform.machine(), "shape": args.shape, "checkpoint": checkpoint.name, "bundle": name}
     if (bundle / "manifest.json").is_file():
         result["convert"] = "reused the bundle already there"
     else:
