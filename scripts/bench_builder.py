@@ -204,9 +204,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, action="append", help="prompt tokens; repeat (default 64 and 960)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=1100, help="capacity of the contract-v2 and v3 bundles")
+    parser.add_argument("--max-length", type=int,
+                        help="capacity of the contract-v2 and v3 bundles (default: the longest context + steps, "
+                        "rounded up to 100 tokens, as genai refuses a max_length past the capacity)")  # fmt: skip
     args = parser.parse_args()
     args.context = args.context or [64, 960]
+    args.max_length = args.max_length or -(-(max(args.context) + args.steps + 1) // 100) * 100
     print("machine:", machine(), flush=True)
     bundles = build(args)
     result = time_bundles(args, bundles)
