@@ -149,6 +149,7 @@ class ProgressBar:
     place on a terminal; otherwise (a log file) one line per tenth."""
 
     WIDTH = 24
+    MIN_SECONDS = 0.5  # before this, no rate or time left
 
     def __init__(self) -> None:
         self.start = 0.0
@@ -165,13 +166,13 @@ class ProgressBar:
         if not tty and tenth == self.tenth:
             return
         self.tenth = tenth
-        rate = done / max(now - self.start, 1e-9)
-        left = int((total - done) / rate) if rate else 0
         filled = done * self.WIDTH // max(total, 1)
-        line = (
-            f"  [{'#' * filled}{'.' * (self.WIDTH - filled)}] {human_size(done)} of {human_size(total)}, "
-            f"{human_size(rate)}/s, {left // 60}:{left % 60:02d} left"
-        )
+        line = f"  [{'#' * filled}{'.' * (self.WIDTH - filled)}] {human_size(done)} of {human_size(total)}"
+        elapsed = now - self.start
+        if elapsed >= self.MIN_SECONDS and done:  # a rate over the first call's microseconds means nothing
+            rate = done / elapsed
+            left = int((total - done) / rate)
+            line += f", {human_size(rate)}/s, {left // 60}:{left % 60:02d} left"
         if tty:
             sys.stderr.write("\r" + line + ("\n" if done >= total else ""))
             sys.stderr.flush()

@@ -33,3 +33,18 @@ def test_convert_reads_a_band_at_a_time_and_reports_progress(tmp_path, monkeypat
     done = [d for d, _ in calls]
     assert done == sorted(done) and calls[-1][0] == calls[-1][1]
     assert calls[-1][1] <= (tmp_path / "out" / DATA_FILE).stat().st_size  # the file adds only alignment
+
+
+def test_progress_bar_gives_a_rate_only_once_it_means_something(monkeypatch, capsys) -> None:
+    """The first call of a write has no rate (its elapsed time is microseconds: it printed
+    1952648.2 GiB/s); from half a second on, bytes per second and the time left."""
+    from parscale_export.cli import convert as command
+
+    clock = iter([10.0, 10.0, 12.0])
+    monkeypatch.setattr(command.time, "perf_counter", lambda: next(clock))
+    bar = command.ProgressBar()
+    for done in (0, 2 << 20, 4 << 20):
+        bar(done, 8 << 20)
+    lines = capsys.readouterr().err.splitlines()
+    assert "/s" not in lines[0] and "left" not in lines[0], lines[0]
+    assert lines[-1].endswith("4.0 MiB of 8.0 MiB, 2.0 MiB/s, 0:02 left"), lines[-1]
