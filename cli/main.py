@@ -7,6 +7,7 @@ A traceback is shown only with --debug.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -80,5 +81,11 @@ def _fail(exc: BaseException, message: str, code: int, debug: bool) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM (a `kill`, a job scheduler, a container stop) unwinds as
+    Ctrl-C does, so convert removes its half-written output instead of dying with it in place."""
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

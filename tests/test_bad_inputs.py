@@ -97,7 +97,9 @@ def test_disk_full_while_writing(tmp_path, monkeypatch, capsys) -> None:
     assert (tmp_path / "out" / "old.txt").read_text() == "keep", "--force replaces only with a complete bundle"
 
 
-def test_real_ctrl_c_leaves_nothing(tmp_path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_real_interrupt_leaves_nothing(tmp_path, signum) -> None:
+    """A SIGTERM used to kill convert outright, leaving its .partial- directory behind."""
     out = tmp_path / "out"
     # A shell runs background jobs with SIGINT ignored, and children inherit that: a test run
     # started with `&` would send Ctrl-C into the void. A terminal's Ctrl-C is what we test.
@@ -116,7 +118,7 @@ def test_real_ctrl_c_leaves_nothing(tmp_path) -> None:
         if "tracing" in line:
             break
     time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
